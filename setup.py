@@ -1,0 +1,58 @@
+"""dpkernels: fused Triton and CUDA kernels for differentially private training.
+
+The CUDA extension ``dpkernels._C`` (csrc/) is built only when the torch in the build
+environment is a CUDA build and nvcc is found. Everywhere else the package installs as
+pure Python and runs on its Triton and torch backends; ``dpkernels.backends()`` says which
+are available. Without a prebuilt extension, the CUDA kernels are JIT-compiled at first
+use when CUDA and nvcc exist (``dpkernels/_cuda.py``).
+
+    pip install -e .                         # pure Python (CPU machines, CI)
+    pip install --no-build-isolation -e .    # also builds the CUDA extension, if possible
+"""
+import os
+
+from setuptools import find_packages, setup
+
+
+def cuda_extensions():
+    if os.environ.get("DPKERNELS_NO_CUDA_BUILD") == "1":
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except Exception:  # torch absent from the (isolated) build environment
+        return [], {}
+    if torch.version.cuda is None or CUDA_HOME is None:
+        return [], {}
+    here = os.path.dirname(os.path.abspath(__file__))
+    ext = CUDAExtension(
+        name="dpkernels._C",
+        sources=[os.path.join("csrc", "bindings.cpp"), os.path.join("csrc", "clip_sum_noise.cu")],
+        include_dirs=[os.path.join(here, "csrc")],
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
+    )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = cuda_extensions()
+
+setup(
+    name="dpkernels",
+    version="0.1.0",
+    description="Fused Triton and CUDA kernels for differentially private training in PyTorch",
+    long_description=open("README.md").read() if os.path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["dpkernels", "dpkernels.*"]),
+    python_requires=">=3.9",
+    # torch is required but not pinned here: install the torch build you want first
+    # (a range that the installed torch satisfies makes pip install nothing more).
+    install_requires=["torch>=2.3", "numpy>=1.22", "scipy>=1.8"],
+    extras_require={
+        "triton": ["triton>=3.0"],
+        "demo": ["scikit-learn>=1.0"],
+        "test": ["pytest>=7", "scikit-learn>=1.0", "dp-accounting>=0.4", "triton>=3.0"],
+        "bench": ["matplotlib>=3.5", "opacus>=1.5"],
+    },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
