@@ -1,0 +1,92 @@
+"""Whether Triton can run here, and the Triton helpers every kernel shares (Philox noise).
+
+Importing this module never fails: without triton, ``HAS_TRITON`` is False and the kernels
+modules are not imported by the dispatcher.
+"""
+from __future__ import annotations
+
+import os
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except Exception:  # pragma: no cover - exercised only where triton is missing
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+
+def interpret_mode() -> bool:
+    """True when TRITON_INTERPRET=1: Triton kernels then run on the CPU with CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def philox_normal_tl(elem, seed_lo, seed_hi, step, stream):
+        """Standard normals for int64 element indices ``elem`` (see dpkernels/ops/philox.py)."""
+        c0 = (elem & 0xFFFFFFFF).to(tl.uint32)
+        c1 = ((elem >> 32) & 0xFFFFFFFF).to(tl.uint32)
+        # to_tensor: scalar arguments may arrive as constexpr (Triton specialises some ints)
+        c2 = tl.zeros_like(c0) + tl.to_tensor(step).to(tl.uint32)
+        c3 = tl.zeros_like(c0) + tl.to_tensor(stream).to(tl.uint32)
+        k0 = tl.to_tensor(seed_lo).to(tl.uint32)
+        k1 = tl.to_tensor(seed_hi).to(tl.uint32)
+        m0 = tl.full(c0.shape, 0xD2511F53, tl.uint32)
+        m1 = tl.full(c0.shape, 0xCD9E8D57, tl.uint32)
+        for _ in tl.static_range(10):
+            hi0 = tl.umulhi(m0, c0)
+            lo0 = m0 * c0
+            hi1 = tl.umulhi(m1, c2)
+            lo1 = m1 * c2
+            c0 = hi1 ^ c1 ^ k0
+            c1 = lo1
+            c2 = hi0 ^ c3 ^ k1
+            c3 = lo0
+            k0 = k0 + 0x9E3779B9
+            k1 = k1 + 0xBB67AE85
+        u1 = c0.to(tl.float32) * 2.3283064365386963e-10 + 1.1641532182693481e-10
+        u2 = c1.to(tl.float32) * 2.3283064365386963e-10
+        return tl.sqrt(-2.0 * tl.log(u1)) * tl.cos(6.283185307179586 * u2)
+
+    @triton.jit
+    def dot_acc(acc, a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+        """acc + a @ b with float32 accumulation.
+
+        IEEE: float32 operands multiplied exactly (no TF32). UPCAST: operands converted to
+        float32 first — set only under TRITON_INTERPRET=1, whose tl.dot mishandles bfloat16.
+        """
+        if UPCAST:
+            return acc + tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        elif IEEE:
+            return acc + tl.dot(a, b, input_precision="ieee")
+        else:
+            return acc + tl.dot(a, b)
+
+    @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "step", "stream"])
+    def _philox_normal_kernel(out, n, seed_lo, seed_hi, step, stream, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        z = philox_normal_tl(offs, seed_lo, seed_hi, step, stream)
+        tl.store(out + offs, z, mask=offs < n)
+
+
+def dot_flags(dtype) -> dict:
+    """The IEEE / UPCAST constexpr flags of ``dot_acc`` for operands of ``dtype``."""
+    import torch
+
+    return {"IEEE": dtype == torch.float32, "UPCAST": interpret_mode() and dtype != torch.float32}
+
+
+def philox_normal_triton(numel: int, key, device) -> "torch.Tensor":  # noqa: F821
+    """The Triton generator alone (for tests): same values as ops.philox.philox_normal."""
+    import torch
+
+    out = torch.empty(numel, dtype=torch.float32, device=device)
+    block = 1024
+    _philox_normal_kernel[(triton.cdiv(numel, block),)](
+        out, numel, key.seed_lo, key.seed_hi, key.step, key.stream, BLOCK=block
+    )
+    return out

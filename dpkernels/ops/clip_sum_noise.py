@@ -1,0 +1,66 @@
+"""Fused clip-scale-sum-noise over materialised per-example gradients.
+
+For the small parameters (biases, normalisation-layer weights) per-example gradients are
+cheap to hold: g of shape (B, n). One pass computes
+
+    out_j = Σ_{i<B} c_i · g_ij  +  σ_noise · z_j,     z_j = philox_normal(key, element = j)
+
+with float32 accumulation, the result cast to g's dtype. c are the clip factors (B,) float32;
+z follows the counter scheme of ``dpkernels/ops/philox.py``, so every backend (torch, Triton,
+CUDA) draws the same noise for the same key.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._triton import HAS_TRITON, philox_normal_tl, tl, triton
+from .philox import PhiloxKey, philox_normal
+
+
+def clip_sum_noise_reference(
+    per_example: torch.Tensor, clip_factors: torch.Tensor, noise_std: float, key: PhiloxKey
+) -> torch.Tensor:
+    """torch reference: per_example (B, n) → (n,) in per_example's dtype."""
+    acc = clip_factors.float() @ per_example.float()
+    if noise_std != 0.0:
+        acc = acc + noise_std * philox_normal(acc.numel(), key, acc.device)
+    return acc.to(per_example.dtype)
+
+
+if HAS_TRITON:
+
+    @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "step", "stream"])
+    def _clip_sum_noise_kernel(
+        g_ptr, c_ptr, out_ptr, B, n, sgb, sgn,
+        noise_std, seed_lo, seed_hi, step, stream,
+        HAS_NOISE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cmask = cols < n
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        offs_b = tl.arange(0, BLOCK_B)
+        for b0 in range(0, B, BLOCK_B):
+            rows = b0 + offs_b
+            rmask = rows < B
+            c = tl.load(c_ptr + rows, mask=rmask, other=0.0)
+            v = tl.load(g_ptr + rows.to(tl.int64)[:, None] * sgb + cols[None, :] * sgn,
+                        mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+            acc += tl.sum(v * c[:, None], axis=0)
+        if HAS_NOISE:
+            acc += noise_std * philox_normal_tl(cols, seed_lo, seed_hi, step, stream)
+        tl.store(out_ptr + cols, acc.to(out_ptr.dtype.element_ty), mask=cmask)
+
+
+def clip_sum_noise_triton(
+    per_example: torch.Tensor, clip_factors: torch.Tensor, noise_std: float, key: PhiloxKey
+) -> torch.Tensor:
+    """Triton kernel: per_example (B, n) with any strides → (n,) in per_example's dtype."""
+    B, n = per_example.shape
+    out = torch.empty(n, dtype=per_example.dtype, device=per_example.device)
+    block_n = 256
+    _clip_sum_noise_kernel[(triton.cdiv(n, block_n),)](
+        per_example, clip_factors, out, B, n, per_example.stride(0), per_example.stride(1),
+        float(noise_std), key.seed_lo, key.seed_hi, key.step, key.stream,
+        HAS_NOISE=noise_std != 0.0, BLOCK_B=16, BLOCK_N=block_n,
+    )
+    return out

@@ -1,0 +1,98 @@
+"""Clipped, noised weight gradient of a linear layer in one GEMM.
+
+With x (B, T, d), G (B, T, p), clip factors c (B,) and noise standard deviation σ_n:
+
+    grad_W = Σ_i c_i G_iᵀ x_i + σ_n · Z  =  (c∘G)ᵀ x  + σ_n · Z        (p × d)
+
+where c∘G scales every row (i, t) of G by c_i and the product runs over the flattened
+B·T axis. The Triton kernel fuses the row scaling into the load of G (in float32, then
+rounded to the input dtype for the tensor-core product) and adds the Philox noise Z
+(counter scheme of ``dpkernels/ops/philox.py``, element index = row-major index in W)
+in the epilogue, so neither c∘G nor Z is ever written to memory. Accumulation is float32;
+the result is returned in x's dtype.
+
+The bias gradient Σ_i c_i Σ_t G_it + σ_n·z is the clip-sum-noise of the (B, p) per-example
+bias gradients (``clip_sum_noise.py``), drawn with its own counter stream.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._triton import HAS_TRITON, dot_acc, dot_flags, philox_normal_tl, tl, triton
+from .philox import PhiloxKey, philox_normal
+
+
+def linear_clipped_grad_reference(
+    x: torch.Tensor, g: torch.Tensor, clip_factors: torch.Tensor, noise_std: float, key: PhiloxKey
+) -> torch.Tensor:
+    """torch reference (x: (B,T,d), g: (B,T,p)) → (p, d) in x's dtype."""
+    B, T, d = x.shape
+    p = g.shape[2]
+    scaled = g.float() * clip_factors.float().view(B, 1, 1)
+    acc = scaled.reshape(B * T, p).t() @ x.float().reshape(B * T, d)
+    if noise_std != 0.0:
+        acc = acc + noise_std * philox_normal(p * d, key, acc.device).view(p, d)
+    return acc.to(x.dtype)
+
+
+if HAS_TRITON:
+
+    @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "step", "stream"])
+    def _clipped_grad_kernel(
+        x_ptr, g_ptr, c_ptr, out_ptr,
+        T, K, d, p,
+        sxb, sxt, sxd, sgb, sgt, sgp,
+        noise_std, seed_lo, seed_hi, step, stream,
+        HAS_NOISE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+        BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        pid_p = tl.program_id(0)
+        pid_d = tl.program_id(1)
+        rows_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+        cols_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask_p = rows_p < p
+        mask_d = cols_d < d
+        rp = rows_p.to(tl.int64)
+        cd = cols_d.to(tl.int64)
+        offs_k = tl.arange(0, BLOCK_K)
+
+        acc = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = (k0 + offs_k).to(tl.int64)
+            kmask = ks < K
+            bi = ks // T
+            ti = ks - bi * T
+            c = tl.load(c_ptr + bi, mask=kmask, other=0.0)
+            # G tile loaded transposed (BLOCK_P, BLOCK_K), rows scaled by their example's factor
+            gt = tl.load(g_ptr + bi[None, :] * sgb + ti[None, :] * sgt + rp[:, None] * sgp,
+                         mask=mask_p[:, None] & kmask[None, :], other=0.0)
+            gt = (gt.to(tl.float32) * c[None, :]).to(g_ptr.dtype.element_ty)
+            xt = tl.load(x_ptr + bi[:, None] * sxb + ti[:, None] * sxt + cd[None, :] * sxd,
+                         mask=kmask[:, None] & mask_d[None, :], other=0.0)
+            acc = dot_acc(acc, gt, xt, IEEE, UPCAST)
+
+        elem = rp[:, None] * d + cd[None, :]
+        if HAS_NOISE:
+            acc += noise_std * philox_normal_tl(elem, seed_lo, seed_hi, step, stream)
+        tl.store(out_ptr + elem, acc.to(out_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_d[None, :])
+
+
+def linear_clipped_grad_triton(
+    x: torch.Tensor, g: torch.Tensor, clip_factors: torch.Tensor, noise_std: float, key: PhiloxKey
+) -> torch.Tensor:
+    """Triton kernel (x: (B,T,d), g: (B,T,p), any strides) → (p, d) in x's dtype."""
+    B, T, d = x.shape
+    p = g.shape[2]
+    out = torch.empty((p, d), dtype=x.dtype, device=x.device)
+    block_p = 64 if p > 32 else 32
+    block_d = 64 if d > 32 else 32
+    block_k = 32
+    grid = (triton.cdiv(p, block_p), triton.cdiv(d, block_d))
+    _clipped_grad_kernel[grid](
+        x, g, clip_factors, out, T, B * T, d, p,
+        x.stride(0), x.stride(1), x.stride(2), g.stride(0), g.stride(1), g.stride(2),
+        float(noise_std), key.seed_lo, key.seed_hi, key.step, key.stream,
+        HAS_NOISE=noise_std != 0.0, **dot_flags(x.dtype),
+        BLOCK_P=block_p, BLOCK_D=block_d, BLOCK_K=block_k,
+    )
+    return out

@@ -1,0 +1,258 @@
+"""Squared per-example gradient norms of a linear layer, without per-example gradients.
+
+For ``y = x Wᵀ + b`` with x of shape (B, T, d) and the output gradient G of shape (B, T, p),
+example i's weight gradient is ``g_i = G_iᵀ x_i`` (p × d) and its bias gradient is
+``Σ_t G_it``. This module computes
+
+    n_i = ‖G_iᵀ x_i‖²_F  (+ ‖Σ_t G_it‖²  when the layer has a bias)
+
+as float32 (B,), by one of three methods:
+
+ghost   ‖G_iᵀ x_i‖²_F = Σ_{t,s} (x_i x_iᵀ)_{ts} (G_i G_iᵀ)_{ts}
+        The Triton kernel tiles the T×T plane, forms both Gram tiles in registers, multiplies
+        them and reduces; the T×T matrices are never stored. The plane is symmetric, so only
+        tiles on and above the diagonal are computed (off-diagonal ones count twice).
+        The bias term is the sum of all entries of G_i G_iᵀ, taken from the same tiles.
+        Cost ≈ B·T²·(d + p) multiply-adds.
+direct  per example, accumulate each (p, d) tile of G_iᵀ x_i over T in registers, square,
+        reduce. The per-example gradient is never written to memory. The bias term is the
+        column sum of G_i over T, accumulated by the tiles of the first d-block.
+        Cost ≈ B·T·d·p multiply-adds (one weight-gradient GEMM).
+rowwise T = 1: G_iᵀ x_i is an outer product, so n_i = ‖x_i‖²·‖G_i‖² (+ ‖G_i‖²). Memory-bound.
+
+``method="auto"`` takes rowwise when T = 1, else ghost when T·(d + p) < κ·d·p and direct
+otherwise (κ = ``GHOST_EFFICIENCY``, the measured speed of the ghost kernel relative to
+the direct one per multiply-add; 1.0 until measured otherwise on a GPU).
+
+All accumulation is float32 whatever the input dtype (float32, bfloat16, float16); float32
+inputs use IEEE products (no TF32), so norms are exact to float32 rounding.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._triton import HAS_TRITON, dot_acc, dot_flags, tl, triton
+
+GHOST_EFFICIENCY = 1.0
+METHODS = ("auto", "ghost", "direct")
+
+
+def choose_method(T: int, d: int, p: int) -> str:
+    """The method ``auto`` uses for a (B, T, d) → (B, T, p) linear layer (see module docstring)."""
+    if T == 1:
+        return "rowwise"
+    return "ghost" if T * (d + p) < GHOST_EFFICIENCY * d * p else "direct"
+
+
+# ---------------------------------------------------------------- torch reference ----------
+
+
+def linear_sq_norms_reference(x: torch.Tensor, g: torch.Tensor, bias: bool, method: str) -> torch.Tensor:
+    """Reference for every method, in float32 torch ops (x: (B,T,d), g: (B,T,p)).
+
+    ghost stores the (B,T,T) Gram matrices and direct stores the (B,p,d) per-example
+    gradients: fine as a reference and a CPU path, not what the kernels do.
+    """
+    x = x.float()
+    g = g.float()
+    if method == "rowwise" or (method == "auto" and x.shape[1] == 1):
+        xs = x.square().sum(dim=(1, 2))
+        gs = g.square().sum(dim=(1, 2))
+        if x.shape[1] != 1:
+            raise ValueError("the rowwise method needs T = 1")
+        return xs * gs + (gs if bias else 0.0)
+    if method == "auto":
+        method = choose_method(x.shape[1], x.shape[2], g.shape[2])
+    if method == "ghost":
+        gram_x = torch.bmm(x, x.transpose(1, 2))
+        gram_g = torch.bmm(g, g.transpose(1, 2))
+        norms = (gram_x * gram_g).sum(dim=(1, 2))
+    elif method == "direct":
+        per_example = torch.bmm(g.transpose(1, 2), x)
+        norms = per_example.square().sum(dim=(1, 2))
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    if bias:
+        norms = norms + g.sum(dim=1).square().sum(dim=1)
+    return norms
+
+
+# ---------------------------------------------------------------- Triton kernels ----------
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _rowwise_kernel(
+        x_ptr, g_ptr, out_ptr, d, p,
+        sxb, sxd, sgb, sgp,
+        HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        b = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK)
+        acc_x = tl.zeros((BLOCK,), dtype=tl.float32)
+        for k in range(0, d, BLOCK):
+            cols = k + offs
+            v = tl.load(x_ptr + b * sxb + cols.to(tl.int64) * sxd, mask=cols < d, other=0.0).to(tl.float32)
+            acc_x += v * v
+        acc_g = tl.zeros((BLOCK,), dtype=tl.float32)
+        for k in range(0, p, BLOCK):
+            cols = k + offs
+            v = tl.load(g_ptr + b * sgb + cols.to(tl.int64) * sgp, mask=cols < p, other=0.0).to(tl.float32)
+            acc_g += v * v
+        xs = tl.sum(acc_x, axis=0)
+        gs = tl.sum(acc_g, axis=0)
+        res = xs * gs
+        if HAS_BIAS:
+            res += gs
+        tl.store(out_ptr + b, res)
+
+    @triton.jit
+    def _ghost_kernel(
+        x_ptr, g_ptr, pairs_ptr, out_w_ptr, out_b_ptr,
+        T, d, p, n_pairs,
+        sxb, sxt, sxd, sgb, sgt, sgp,
+        HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        b = tl.program_id(0).to(tl.int64)
+        pair = tl.program_id(1)
+        ti = tl.load(pairs_ptr + 2 * pair)
+        si = tl.load(pairs_ptr + 2 * pair + 1)
+        rows_t = ti * BLOCK_T + tl.arange(0, BLOCK_T)
+        rows_s = si * BLOCK_T + tl.arange(0, BLOCK_T)
+        mask_t = rows_t < T
+        mask_s = rows_s < T
+        rt = rows_t.to(tl.int64)
+        rs = rows_s.to(tl.int64)
+        offs_k = tl.arange(0, BLOCK_K)
+
+        gram_x = tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32)
+        for k in range(0, d, BLOCK_K):
+            cols = (k + offs_k)
+            cmask = cols < d
+            c64 = cols.to(tl.int64)
+            xa = tl.load(x_ptr + b * sxb + rt[:, None] * sxt + c64[None, :] * sxd,
+                         mask=mask_t[:, None] & cmask[None, :], other=0.0)
+            xb = tl.load(x_ptr + b * sxb + rs[:, None] * sxt + c64[None, :] * sxd,
+                         mask=mask_s[:, None] & cmask[None, :], other=0.0)
+            gram_x = dot_acc(gram_x, xa, tl.trans(xb), IEEE, UPCAST)
+
+        gram_g = tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32)
+        for k in range(0, p, BLOCK_K):
+            cols = (k + offs_k)
+            cmask = cols < p
+            c64 = cols.to(tl.int64)
+            ga = tl.load(g_ptr + b * sgb + rt[:, None] * sgt + c64[None, :] * sgp,
+                         mask=mask_t[:, None] & cmask[None, :], other=0.0)
+            gb = tl.load(g_ptr + b * sgb + rs[:, None] * sgt + c64[None, :] * sgp,
+                         mask=mask_s[:, None] & cmask[None, :], other=0.0)
+            gram_g = dot_acc(gram_g, ga, tl.trans(gb), IEEE, UPCAST)
+
+        weight = tl.where(ti == si, 1.0, 2.0)
+        out_off = b * n_pairs + pair
+        tl.store(out_w_ptr + out_off, weight * tl.sum(tl.sum(gram_x * gram_g, axis=1), axis=0))
+        if HAS_BIAS:
+            tl.store(out_b_ptr + out_off, weight * tl.sum(tl.sum(gram_g, axis=1), axis=0))
+
+    @triton.jit
+    def _direct_kernel(
+        x_ptr, g_ptr, out_w_ptr, out_b_ptr,
+        T, d, p, n_tiles_d,
+        sxb, sxt, sxd, sgb, sgt, sgp,
+        HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+        BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+    ):
+        b = tl.program_id(0).to(tl.int64)
+        tp = tl.program_id(1)
+        td = tl.program_id(2)
+        rows_p = tp * BLOCK_P + tl.arange(0, BLOCK_P)
+        cols_d = td * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask_p = rows_p < p
+        mask_d = cols_d < d
+        rp = rows_p.to(tl.int64)
+        cd = cols_d.to(tl.int64)
+        offs_t = tl.arange(0, BLOCK_T)
+
+        acc = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
+        col_sum = tl.zeros((BLOCK_P,), dtype=tl.float32)
+        for t0 in range(0, T, BLOCK_T):
+            ts = t0 + offs_t
+            tmask = ts < T
+            t64 = ts.to(tl.int64)
+            # G tile loaded transposed: (BLOCK_P, BLOCK_T)
+            gt = tl.load(g_ptr + b * sgb + t64[None, :] * sgt + rp[:, None] * sgp,
+                         mask=mask_p[:, None] & tmask[None, :], other=0.0)
+            xt = tl.load(x_ptr + b * sxb + t64[:, None] * sxt + cd[None, :] * sxd,
+                         mask=tmask[:, None] & mask_d[None, :], other=0.0)
+            acc = dot_acc(acc, gt, xt, IEEE, UPCAST)
+            if HAS_BIAS:
+                col_sum += tl.sum(gt.to(tl.float32), axis=1)
+
+        out_off = (b * tl.num_programs(1) + tp) * n_tiles_d + td
+        tl.store(out_w_ptr + out_off, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
+        if HAS_BIAS:
+            # only the first d-tile reports the bias term, so it is counted once
+            bias_sq = tl.where(td == 0, tl.sum(col_sum * col_sum, axis=0), 0.0)
+            tl.store(out_b_ptr + out_off, bias_sq)
+
+
+_PAIRS_CACHE: dict = {}
+
+
+def _upper_triangle_pairs(n_tiles: int, device: torch.device) -> torch.Tensor:
+    key = (n_tiles, str(device))
+    pairs = _PAIRS_CACHE.get(key)
+    if pairs is None:
+        idx = torch.triu_indices(n_tiles, n_tiles)
+        pairs = idx.t().contiguous().to(device=device, dtype=torch.int32)
+        _PAIRS_CACHE[key] = pairs
+    return pairs
+
+
+def linear_sq_norms_triton(x: torch.Tensor, g: torch.Tensor, bias: bool, method: str) -> torch.Tensor:
+    """Triton kernels for each method (x: (B,T,d), g: (B,T,p), any strides)."""
+    B, T, d = x.shape
+    p = g.shape[2]
+    if method == "auto":
+        method = choose_method(T, d, p)
+    out_w = None
+    if method == "rowwise":
+        if T != 1:
+            raise ValueError("the rowwise method needs T = 1")
+        out = torch.empty(B, dtype=torch.float32, device=x.device)
+        _rowwise_kernel[(B,)](
+            x, g, out, d, p, x.stride(0), x.stride(2), g.stride(0), g.stride(2),
+            HAS_BIAS=bias, BLOCK=256,
+        )
+        return out
+    if method == "ghost":
+        block_t = 64 if T > 32 else (32 if T > 16 else 16)
+        n_t = triton.cdiv(T, block_t)
+        pairs = _upper_triangle_pairs(n_t, x.device)
+        n_pairs = pairs.shape[0]
+        out_w = torch.empty((B, n_pairs), dtype=torch.float32, device=x.device)
+        out_b = torch.empty((B, n_pairs), dtype=torch.float32, device=x.device) if bias else out_w
+        _ghost_kernel[(B, n_pairs)](
+            x, g, pairs, out_w, out_b, T, d, p, n_pairs,
+            x.stride(0), x.stride(1), x.stride(2), g.stride(0), g.stride(1), g.stride(2),
+            HAS_BIAS=bias, **dot_flags(x.dtype), BLOCK_T=block_t, BLOCK_K=64,
+        )
+    elif method == "direct":
+        block_p = 64 if p > 32 else 32
+        block_d = 64 if d > 32 else 32
+        block_t = 32 if T > 16 else 16
+        n_p = triton.cdiv(p, block_p)
+        n_d = triton.cdiv(d, block_d)
+        out_w = torch.empty((B, n_p * n_d), dtype=torch.float32, device=x.device)
+        out_b = torch.empty((B, n_p * n_d), dtype=torch.float32, device=x.device) if bias else out_w
+        _direct_kernel[(B, n_p, n_d)](
+            x, g, out_w, out_b, T, d, p, n_d,
+            x.stride(0), x.stride(1), x.stride(2), g.stride(0), g.stride(1), g.stride(2),
+            HAS_BIAS=bias, **dot_flags(x.dtype), BLOCK_P=block_p, BLOCK_D=block_d, BLOCK_T=block_t,
+        )
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    norms = out_w.sum(dim=1)
+    if bias:
+        norms = norms + out_b.sum(dim=1)
+    return norms
