@@ -237,7 +237,38 @@ def clip_sum_noise(
     return out.reshape(shape)
 
 
+def gaussian_noise(
+    shape: "tuple[int, ...] | torch.Size",
+    *,
+    std: float,
+    generator: Generator = None,
+    device: "torch.device | str" = "cpu",
+    dtype: torch.dtype = torch.float32,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """std·z for a tensor of ``shape``, z drawn by the Philox counter scheme (element = flat index).
+
+    The same draws as the noise the fused kernels add for the same key: a parameter that got no
+    data this step (an unused layer, an empty Poisson batch) gets exactly its noise term.
+    """
+    from .ops._triton import philox_normal_triton
+    from .ops.philox import philox_normal
+
+    std = _check_noise_std(std)
+    key = resolve_key(generator)
+    device = torch.device(device)
+    numel = 1
+    for s in shape:
+        numel *= int(s)
+    if std == 0.0 or numel == 0:
+        return torch.zeros(shape, device=device, dtype=dtype)
+    impl = select_backend(device, backend)
+    z = philox_normal_triton(numel, key, device) if impl == "triton" else philox_normal(numel, key, device)
+    return (z * std).to(dtype).reshape(shape)
+
+
 __all__ = [
+    "gaussian_noise",
     "backends",
     "select_backend",
     "linear_sq_norms",

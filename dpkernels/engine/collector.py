@@ -1,0 +1,76 @@
+"""What one private step gathers during backward: per-layer squared norms and payloads.
+
+Each DP module's autograd function calls ``record`` once per step with the tensors its
+clipped-sum pass will need (for a linear layer: x and G). ``record`` computes the layer's
+per-example squared norms right away (the fused norm kernels) and keeps the payload until
+``DPOptimizer.step`` turns everything into clipped, noised gradients.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+
+class LayerRecord:
+    __slots__ = ("module", "payload", "sq_norms")
+
+    def __init__(self, module: nn.Module, payload: Any, sq_norms: torch.Tensor) -> None:
+        self.module = module
+        self.payload = payload
+        self.sq_norms = sq_norms
+
+
+class ModuleCollector:
+    """The handle a DP module's autograd function reports to."""
+
+    def __init__(self, step: "StepCollector", module: nn.Module, name: str) -> None:
+        self.step = step
+        self.module = module
+        self.name = name
+
+    def record(self, payload: Any, *norm_inputs: torch.Tensor) -> None:
+        sq_norms = self.module.dp_sq_norms(*norm_inputs, method=self.step.norm_method, backend=self.step.backend)
+        self.step.add(self.name, LayerRecord(self.module, payload, sq_norms))
+
+
+class StepCollector:
+    """Per-step state shared by all DP modules of one model."""
+
+    def __init__(self, module_names: Dict[nn.Module, str], norm_method: str, backend: Optional[str]) -> None:
+        self.norm_method = norm_method
+        self.backend = backend
+        self._handles = {m: ModuleCollector(self, m, n) for m, n in module_names.items()}
+        self.records: Dict[str, LayerRecord] = {}
+        self.batch_size: Optional[int] = None
+
+    def for_module(self, module: nn.Module) -> ModuleCollector:
+        return self._handles[module]
+
+    def add(self, name: str, record: LayerRecord) -> None:
+        if name in self.records:
+            raise RuntimeError(
+                f"DP layer '{name}' received a second backward before optimizer.step(): either backward() "
+                "ran twice without a step in between, or the layer was used twice in one forward "
+                "(weight sharing), which per-example clipping does not support"
+            )
+        B = record.sq_norms.shape[0]
+        if self.batch_size is None:
+            self.batch_size = B
+        elif B != self.batch_size:
+            raise ValueError(
+                f"DP layer '{name}' saw batch size {B} but another layer saw {self.batch_size} in the same "
+                "step: every DP layer must see the batch on dimension 0"
+            )
+        self.records[name] = record
+
+    def total_sq_norms(self) -> Tuple[torch.Tensor, List[str]]:
+        """Σ over layers of the per-example squared norms (float32, (B,)) and the layer names."""
+        names = list(self.records)
+        total = torch.stack([self.records[n].sq_norms for n in names]).sum(dim=0)
+        return total, names
+
+    def clear(self) -> None:
+        self.records = {}
+        self.batch_size = None

@@ -1,0 +1,177 @@
+"""make_private: turn (model, optimizer) into a DP-SGD pair with flat clipping, one backward."""
+from __future__ import annotations
+
+import math
+import secrets
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from ..nn.convert import convert
+from ..nn.linear import DPLinear
+from ..nn.module import DPModule
+from ..ops.linear_sq_norms import METHODS
+from .collector import StepCollector
+from .optimizer import LOSS_REDUCTIONS, DPOptimizer
+
+_BATCHNORM = (nn.modules.batchnorm._BatchNorm,)
+
+
+def _unsupported_message(name: str, module: nn.Module, params: List[str]) -> str:
+    label = f"{type(module).__name__} '{name or '<root>'}' ({', '.join(params)})"
+    if isinstance(module, _BATCHNORM):
+        return (
+            f"{label}: BatchNorm mixes the examples of a batch, so per-example gradients do not exist; "
+            "replace it with GroupNorm/LayerNorm or freeze it (requires_grad_(False), eval())"
+        )
+    return f"{label}: no per-example clipping path for this layer; freeze these parameters or use a supported layer"
+
+
+def _check_model(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """The DP modules of ``model``; refuses any trainable parameter without a clipping path."""
+    problems: List[str] = []
+    dp_modules: List[Tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+        if isinstance(module, DPModule):
+            if module._dp_collector is not None:
+                raise RuntimeError(f"module '{name}' is already attached to a private optimizer")
+            if isinstance(module, DPLinear) and module._bias_trainable() and not module.weight.requires_grad:
+                problems.append(
+                    f"DPLinear '{name}' (bias): a trainable bias with a frozen weight is not supported; "
+                    "freeze the bias too or unfreeze the weight"
+                )
+            dp_modules.append((name, module))
+        elif own:
+            problems.append(_unsupported_message(name, module, [n for n, _ in own]))
+        elif isinstance(module, _BATCHNORM) and module.training and module.track_running_stats:
+            problems.append(
+                f"{type(module).__name__} '{name}': in training mode BatchNorm mixes the examples of a batch "
+                "through its batch statistics, even frozen; put it in eval() mode or replace it"
+            )
+    if problems:
+        raise ValueError("make_private cannot clip every trainable parameter of this model:\n  - " + "\n  - ".join(problems))
+    if not any(p.requires_grad for _, m in dp_modules for p in m.parameters(recurse=False)):
+        raise ValueError("make_private: the model has no trainable parameter")
+    return dp_modules
+
+
+def _check_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, dp_params: Dict[int, str]) -> None:
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if isinstance(optimizer, DPOptimizer):
+        raise RuntimeError("the optimizer is already a DPOptimizer")
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if id(p) not in dp_params:
+                where = f"model parameter '{names[id(p)]}'" if id(p) in names else "a tensor that is not in the model"
+                raise ValueError(
+                    f"the optimizer updates {where}, which has no per-example clipping path "
+                    "(frozen, or not part of a DP layer): it would be trained without privacy"
+                )
+
+
+def _guard_param(name: str) -> Any:
+    def hook(grad: Optional[torch.Tensor]) -> None:
+        if grad is None:  # the DP layer's own backward returns no gradient for its parameters
+            return
+        raise RuntimeError(
+            f"parameter '{name}' received a gradient outside its DP layer (used by another op: weight tying, "
+            "a functional call, a custom layer). That gradient would not be clipped; refusing it"
+        )
+
+    return hook
+
+
+def _validate_numbers(noise_multiplier: float, max_grad_norm: float, expected_batch_size: int, loss_reduction: str) -> None:
+    if not (isinstance(noise_multiplier, (int, float)) and math.isfinite(noise_multiplier) and noise_multiplier >= 0):
+        raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}")
+    if not (isinstance(max_grad_norm, (int, float)) and math.isfinite(max_grad_norm) and max_grad_norm > 0):
+        raise ValueError(f"max_grad_norm must be a finite number > 0, got {max_grad_norm!r}")
+    if not (isinstance(expected_batch_size, int) and expected_batch_size > 0):
+        raise ValueError(f"expected_batch_size must be a positive int, got {expected_batch_size!r}")
+    if loss_reduction not in LOSS_REDUCTIONS:
+        raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}")
+
+
+def make_private(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    expected_batch_size: int,
+    loss_reduction: str = "mean",
+    seed: Optional[int] = None,
+    norm_method: str = "auto",
+    backend: Optional[str] = None,
+    accountant: Any = None,
+    sample_rate: Optional[float] = None,
+    check_finite: bool = True,
+) -> Tuple[nn.Module, DPOptimizer]:
+    """Make ``loss.backward(); optimizer.step()`` one DP-SGD step with flat clipping.
+
+    The model's nn.Linear layers become DPLinear (sharing their parameters, in place); any other
+    trainable parameter is refused with an error naming its module, as is an optimizer that
+    updates a parameter without a clipping path. After it, one backward pass records per-example
+    norms, and ``optimizer.step()`` writes (Σ_i clip_C(g_i) + σ·C·z) / B̄ into every parameter's
+    .grad (B̄ = ``expected_batch_size``) before the wrapped optimizer's own step.
+
+    ``loss_reduction``: "mean" if the loss averages over the batch (per-example gradients are
+    then the batch size times what backward sees), "sum" if it sums. ``seed``: the 64-bit noise
+    seed (default: fresh from the OS CSPRNG; pass one to reproduce a run). ``norm_method``:
+    "auto", "ghost" or "direct" (see ``functional.linear_sq_norms``). ``backend``: see
+    ``dpkernels.functional``. ``accountant`` (with ``sample_rate``): anything with
+    ``step(noise_multiplier=, sample_rate=, steps=)``, e.g. ``dpkernels.accounting.PLDAccountant``,
+    fed once per step. Input batches must be batch-first and non-empty; for an empty Poisson
+    batch call ``optimizer.noise_only_step()``.
+    """
+    _validate_numbers(noise_multiplier, max_grad_norm, expected_batch_size, loss_reduction)
+    if norm_method not in METHODS:
+        raise ValueError(f"norm_method must be one of {METHODS}, got {norm_method!r}")
+    if accountant is not None and not (sample_rate is not None and 0 < sample_rate <= 1):
+        raise ValueError("an accountant needs sample_rate in (0, 1] (the Poisson sampling probability)")
+    if seed is None:
+        seed = secrets.randbits(64)
+    elif not (isinstance(seed, int) and 0 <= seed < 2**64):
+        raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
+
+    model = convert(model)
+    dp_modules = _check_model(model)
+
+    streams: Dict[int, int] = {}
+    param_names: Dict[int, str] = {}
+    for mod_name, module in dp_modules:
+        for n, p in module.named_parameters(recurse=False):
+            if p.requires_grad:
+                if id(p) in streams:
+                    raise ValueError(f"parameter '{mod_name}.{n}' is shared by two DP layers: not supported")
+                streams[id(p)] = len(streams)
+                param_names[id(p)] = f"{mod_name}.{n}" if mod_name else n
+    _check_optimizer(optimizer, model, param_names)
+
+    collector = StepCollector({m: n for n, m in dp_modules}, norm_method, backend)
+    for _, module in dp_modules:
+        module.dp_attach(collector)
+        for n, p in module.named_parameters(recurse=False):
+            if p.requires_grad:
+                p.register_hook(_guard_param(param_names[id(p)]))
+
+    dp_optimizer = DPOptimizer(
+        optimizer,
+        modules=dp_modules,
+        streams=streams,
+        collector=collector,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=expected_batch_size,
+        loss_reduction=loss_reduction,
+        seed=seed,
+        backend=backend,
+        accountant=accountant,
+        sample_rate=sample_rate,
+        check_finite=check_finite,
+    )
+    return model, dp_optimizer

@@ -1,0 +1,199 @@
+"""DPOptimizer: wraps any torch optimizer so that ``step()`` performs one DP-SGD step.
+
+At ``step()``, from what the DP layers recorded during the single backward pass:
+
+    n_i   = s² Σ_layers ‖g_i^(l)‖²                      (s = B for loss_reduction="mean", else 1)
+    c_i   = min(1, C / (√n_i + 1e-6))                    flat clipping (engine/clipping.py)
+    p.grad = (Σ_i c_i s g_i + σ C z) / B̄                 for every trainable parameter
+
+computed per layer by the fused clip-accumulate-noise kernels, with the clip factors passed
+as c_i·s/B̄ and the noise standard deviation as σC/B̄, so no extra pass over the gradient is
+made. B̄ is the expected batch size (Poisson sampling), not the realised one. The wrapped
+optimizer's own step then runs on these gradients.
+
+Noise is drawn from the Philox counter (seed, step, stream = parameter index): no two
+elements of any step share a draw, and a run is reproducible from its seed. The seed is
+never written into ``state_dict`` (it would let a checkpoint's reader subtract the noise).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from .. import functional
+from ..ops.philox import PhiloxKey
+from .clipping import flat_clip_factors
+from .collector import StepCollector
+
+LOSS_REDUCTIONS = ("mean", "sum")
+
+
+class DPOptimizer(torch.optim.Optimizer):
+    """A private view of ``optimizer``; param_groups, state and defaults are the wrapped ones."""
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        modules: List[Tuple[str, nn.Module]],
+        streams: Dict[int, int],
+        collector: StepCollector,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        expected_batch_size: int,
+        loss_reduction: str,
+        seed: int,
+        backend: Optional[str] = None,
+        accountant: Any = None,
+        sample_rate: Optional[float] = None,
+        check_finite: bool = True,
+    ) -> None:
+        # Deliberately no super().__init__: this object owns no parameters of its own.
+        self.original_optimizer = optimizer
+        self.dp_modules = modules
+        self._streams = streams
+        self.collector = collector
+        self.noise_multiplier = float(noise_multiplier)
+        self.max_grad_norm = float(max_grad_norm)
+        self.expected_batch_size = int(expected_batch_size)
+        self.loss_reduction = loss_reduction
+        self._seed = seed
+        self.backend = backend
+        self.accountant = accountant
+        self.sample_rate = sample_rate
+        self.check_finite = check_finite
+        self.steps_taken = 0
+        self._optimizer_step_pre_hooks: Dict[int, Callable] = OrderedDict()
+        self._optimizer_step_post_hooks: Dict[int, Callable] = OrderedDict()
+
+    # ---- the wrapped optimizer's state -------------------------------------------------
+    @property
+    def param_groups(self) -> List[dict]:
+        return self.original_optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, groups: List[dict]) -> None:
+        self.original_optimizer.param_groups = groups
+
+    @property
+    def state(self) -> Dict:
+        return self.original_optimizer.state
+
+    @state.setter
+    def state(self, state: Dict) -> None:
+        self.original_optimizer.state = state
+
+    @property
+    def defaults(self) -> Dict:
+        return self.original_optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, defaults: Dict) -> None:
+        self.original_optimizer.defaults = defaults
+
+    def __repr__(self) -> str:
+        return (
+            f"DPOptimizer(noise_multiplier={self.noise_multiplier}, max_grad_norm={self.max_grad_norm}, "
+            f"expected_batch_size={self.expected_batch_size}, loss_reduction={self.loss_reduction!r}, "
+            f"optimizer={self.original_optimizer!r})"
+        )
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"optimizer": self.original_optimizer.state_dict(), "steps_taken": self.steps_taken}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        self.original_optimizer.load_state_dict(state_dict["optimizer"])
+        self.steps_taken = int(state_dict["steps_taken"])
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the gradients and discard anything recorded by a backward not yet stepped."""
+        self.original_optimizer.zero_grad(set_to_none=set_to_none)
+        self.collector.clear()
+
+    # ---- the private step --------------------------------------------------------------
+    @property
+    def noise_std(self) -> float:
+        """Standard deviation of the noise in the update, σ·C/B̄."""
+        return self.noise_multiplier * self.max_grad_norm / self.expected_batch_size
+
+    def _key(self, param: torch.Tensor) -> PhiloxKey:
+        if self.steps_taken >= 2**32:
+            raise OverflowError("more than 2**32 private steps with one seed: the noise counter would wrap")
+        return PhiloxKey(self._seed, self.steps_taken, self._streams[id(param)])
+
+    def _trainable(self, module: nn.Module) -> List[Tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+
+    def _clip_factors(self) -> torch.Tensor:
+        total, names = self.collector.total_sq_norms()
+        scale = float(self.collector.batch_size) if self.loss_reduction == "mean" else 1.0
+        if self.check_finite and not bool(torch.isfinite(total).all()):
+            for name in names:
+                bad = ~torch.isfinite(self.collector.records[name].sq_norms)
+                if bool(bad.any()):
+                    idx = bad.nonzero().flatten()[:8].tolist()
+                    raise FloatingPointError(
+                        f"non-finite per-example gradient norm in DP layer '{name}' (examples {idx}): "
+                        "the loss or activations produced NaN/Inf; no update was made"
+                    )
+        return flat_clip_factors(total * scale**2, self.max_grad_norm) * (scale / self.expected_batch_size)
+
+    def write_private_grads(self) -> None:
+        """Set every trainable parameter's .grad to its clipped, noised, averaged gradient."""
+        if not self.collector.records:
+            raise RuntimeError(
+                "optimizer.step() called without a backward pass since the last step (or zero_grad() "
+                "discarded it); for an empty Poisson batch call optimizer.noise_only_step()"
+            )
+        factors = self._clip_factors()
+        for _, module in self.dp_modules:
+            params = self._trainable(module)
+            if not params:
+                continue
+            keys = {n: self._key(p) for n, p in params}
+            record = self.collector.records.get(self._name_of(module))
+            if record is not None:
+                grads = module.dp_clipped_grads(record.payload, factors, self.noise_std, keys, self.backend)
+            else:  # the layer took no part in this forward: its per-example gradients are zero
+                grads = {n: self._noise_like(p, keys[n]) for n, p in params}
+            for n, p in params:
+                p.grad = grads[n]
+
+    def _name_of(self, module: nn.Module) -> str:
+        return self.collector.for_module(module).name
+
+    def _noise_like(self, p: torch.Tensor, key: PhiloxKey) -> torch.Tensor:
+        return functional.gaussian_noise(
+            p.shape, std=self.noise_std, generator=key, device=p.device, dtype=p.dtype, backend=self.backend
+        )
+
+    def _finish_step(self) -> None:
+        self.collector.clear()
+        self.steps_taken += 1
+        if self.accountant is not None:
+            self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate, steps=1)
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.write_private_grads()
+        self.original_optimizer.step()
+        self._finish_step()
+        return loss
+
+    @torch.no_grad()
+    def noise_only_step(self) -> None:
+        """The step of an empty Poisson batch: every parameter's gradient is its noise alone."""
+        if self.collector.records:
+            raise RuntimeError("noise_only_step() called after a backward pass: call step() instead")
+        for _, module in self.dp_modules:
+            for _, p in self._trainable(module):
+                p.grad = self._noise_like(p, self._key(p))
+        self.original_optimizer.step()
+        self._finish_step()

@@ -1,0 +1,80 @@
+"""DPLinear: a drop-in nn.Linear with a fused per-example clipping path."""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import functional
+from ..autograd.linear import DPLinearFunction
+from ..ops.philox import PhiloxKey
+from .module import DPModule
+
+
+class DPLinear(nn.Linear, DPModule):
+    """``nn.Linear`` (same constructor, same parameters, same state_dict) for DP training.
+
+    Outside a private engine it is exactly nn.Linear. Attached to one (``make_private``), its
+    backward reports per-example squared gradient norms (weight and bias together) computed by
+    the fused kernels of ``functional.linear_sq_norms`` and defers the weight gradient to the
+    engine's fused clip-accumulate-noise pass. Input (B, d) or (B, *, d), batch first.
+    """
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "DPLinear":
+        """A DPLinear sharing ``linear``'s Parameter objects (optimizers keep pointing at them)."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features = linear.in_features
+        new.out_features = linear.out_features
+        new.weight = linear.weight
+        if linear.bias is not None:
+            new.bias = linear.bias
+        else:
+            new.register_parameter("bias", None)
+        new.train(linear.training)
+        return new
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not (self.dp_private_forward() and self.weight.requires_grad):
+            return F.linear(input, self.weight, self.bias)
+        if input.dim() < 2:
+            raise ValueError(
+                f"DPLinear needs batched input of shape (B, d) or (B, *, d) under private training, "
+                f"got {tuple(input.shape)}"
+            )
+        if input.shape[0] == 0:
+            raise ValueError(
+                "empty batch reached DPLinear: with Poisson sampling call optimizer.noise_only_step() "
+                "for an empty batch instead of running the model"
+            )
+        return DPLinearFunction.apply(input, self.weight, self.bias, self._dp_collector.for_module(self))
+
+    def dp_clipped_grads(
+        self,
+        payload: Any,
+        clip_factors: torch.Tensor,
+        noise_std: float,
+        keys: Dict[str, PhiloxKey],
+        backend: Optional[str],
+    ) -> Dict[str, torch.Tensor]:
+        x, grad_output = payload
+        with_bias = self._bias_trainable()
+        if with_bias and keys["bias"].stream != keys["weight"].stream + 1:
+            raise RuntimeError("internal: the bias noise stream must follow the weight's (stream + 1)")
+        grad_w, grad_b = functional.linear_clipped_grad(
+            x, grad_output, clip_factors, bias=with_bias,
+            noise_std=noise_std, generator=keys["weight"], backend=backend,
+        )
+        grads = {"weight": grad_w}
+        if grad_b is not None:
+            grads["bias"] = grad_b
+        return grads
+
+    def dp_sq_norms(self, x: torch.Tensor, grad_output: torch.Tensor, method: str, backend: Optional[str]) -> torch.Tensor:
+        return functional.linear_sq_norms(x, grad_output, bias=self._bias_trainable(), method=method, backend=backend)
+
+    def _bias_trainable(self) -> bool:
+        return self.bias is not None and self.bias.requires_grad

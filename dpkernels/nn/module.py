@@ -1,0 +1,40 @@
+"""The contract between a DP layer and the engine.
+
+A DP module owns some trainable parameters and, when attached to an engine's collector,
+reports per-example squared norms during backward and writes its parameters' clipped,
+noised gradients at step time. Outside an engine it behaves exactly like its torch parent.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import torch
+
+from ..ops.philox import PhiloxKey
+
+
+class DPModule:
+    """Mixin for layers with a per-example clipping path (see DPLinear)."""
+
+    _dp_collector: Optional[Any] = None
+
+    def dp_attach(self, collector: Any) -> None:
+        self._dp_collector = collector
+
+    def dp_detach(self) -> None:
+        self._dp_collector = None
+
+    def dp_private_forward(self) -> bool:
+        """Whether this forward call must go through the per-example path."""
+        return self._dp_collector is not None and torch.is_grad_enabled()
+
+    def dp_clipped_grads(
+        self,
+        payload: Any,
+        clip_factors: torch.Tensor,
+        noise_std: float,
+        keys: Dict[str, PhiloxKey],
+        backend: Optional[str],
+    ) -> Dict[str, torch.Tensor]:
+        """Gradients (by parameter name) = Σ_i clip_factors_i g_i + noise_std·z, from ``payload``."""
+        raise NotImplementedError
