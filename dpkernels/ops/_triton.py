@@ -73,6 +73,16 @@ if HAS_TRITON:
         tl.store(out + offs, z, mask=offs < n)
 
 
+def use_autotune() -> bool:
+    """Autotune block sizes on a GPU; under the interpreter, use the fixed small blocks."""
+    return HAS_TRITON and not interpret_mode()
+
+
+def configs(*specs: tuple) -> list:
+    """triton.Config list from (meta-parameter dict, num_warps, num_stages) tuples."""
+    return [triton.Config(meta, num_warps=w, num_stages=s) for meta, w, s in specs]
+
+
 def dot_flags(dtype) -> dict:
     """The IEEE / UPCAST constexpr flags of ``dot_acc`` for operands of ``dtype``."""
     import torch

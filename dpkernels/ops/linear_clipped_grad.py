@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import HAS_TRITON, dot_acc, dot_flags, philox_normal_tl, tl, triton
+from ._triton import HAS_TRITON, configs, dot_acc, dot_flags, philox_normal_tl, tl, triton, use_autotune
 from .philox import PhiloxKey, philox_normal
 
 
@@ -77,6 +77,22 @@ if HAS_TRITON:
         tl.store(out_ptr + elem, acc.to(out_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_d[None, :])
 
 
+    # GPU: tiles autotuned per shape; every config writes the whole output, so tuning is safe
+    _clipped_grad_tuned = triton.autotune(
+        configs=configs(
+            ({"BLOCK_P": 64, "BLOCK_D": 64, "BLOCK_K": 32}, 4, 3),
+            ({"BLOCK_P": 64, "BLOCK_D": 64, "BLOCK_K": 64}, 4, 4),
+            ({"BLOCK_P": 128, "BLOCK_D": 64, "BLOCK_K": 32}, 4, 3),
+            ({"BLOCK_P": 64, "BLOCK_D": 128, "BLOCK_K": 32}, 4, 3),
+            ({"BLOCK_P": 128, "BLOCK_D": 64, "BLOCK_K": 64}, 8, 4),
+            ({"BLOCK_P": 64, "BLOCK_D": 128, "BLOCK_K": 64}, 8, 4),
+            ({"BLOCK_P": 128, "BLOCK_D": 128, "BLOCK_K": 32}, 8, 3),
+            ({"BLOCK_P": 128, "BLOCK_D": 128, "BLOCK_K": 64}, 8, 3),
+        ),
+        key=["K", "d", "p"],
+    )(_clipped_grad_kernel)
+
+
 def linear_clipped_grad_triton(
     x: torch.Tensor, g: torch.Tensor, clip_factors: torch.Tensor, noise_std: float, key: PhiloxKey
 ) -> torch.Tensor:
@@ -84,15 +100,20 @@ def linear_clipped_grad_triton(
     B, T, d = x.shape
     p = g.shape[2]
     out = torch.empty((p, d), dtype=x.dtype, device=x.device)
-    block_p = 64 if p > 32 else 32
-    block_d = 64 if d > 32 else 32
-    block_k = 32
-    grid = (triton.cdiv(p, block_p), triton.cdiv(d, block_d))
-    _clipped_grad_kernel[grid](
+    args = (
         x, g, clip_factors, out, T, B * T, d, p,
         x.stride(0), x.stride(1), x.stride(2), g.stride(0), g.stride(1), g.stride(2),
         float(noise_std), key.seed_lo, key.seed_hi, key.step, key.stream,
-        HAS_NOISE=noise_std != 0.0, **dot_flags(x.dtype),
-        BLOCK_P=block_p, BLOCK_D=block_d, BLOCK_K=block_k,
     )
+    flags = dict(HAS_NOISE=noise_std != 0.0, **dot_flags(x.dtype))
+    if use_autotune():
+        def grid(meta):
+            return (triton.cdiv(p, meta["BLOCK_P"]), triton.cdiv(d, meta["BLOCK_D"]))
+
+        _clipped_grad_tuned[grid](*args, **flags)
+    else:
+        block_p = 64 if p > 32 else 32
+        block_d = 64 if d > 32 else 32
+        grid = (triton.cdiv(p, block_p), triton.cdiv(d, block_d))
+        _clipped_grad_kernel[grid](*args, **flags, BLOCK_P=block_p, BLOCK_D=block_d, BLOCK_K=32)
     return out

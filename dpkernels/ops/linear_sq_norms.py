@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import HAS_TRITON, dot_acc, dot_flags, tl, triton
+from ._triton import HAS_TRITON, configs, dot_acc, dot_flags, tl, triton, use_autotune
 
 GHOST_EFFICIENCY = 1.0
 METHODS = ("auto", "ghost", "direct")
@@ -157,7 +157,7 @@ if HAS_TRITON:
     @triton.jit
     def _direct_kernel(
         x_ptr, g_ptr, out_w_ptr, out_b_ptr,
-        T, d, p, n_tiles_d,
+        T, d, p, out_row,
         sxb, sxt, sxd, sgb, sgt, sgp,
         HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
         BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -188,12 +188,33 @@ if HAS_TRITON:
             if HAS_BIAS:
                 col_sum += tl.sum(gt.to(tl.float32), axis=1)
 
-        out_off = (b * tl.num_programs(1) + tp) * n_tiles_d + td
+        # slot of this (p, d) tile in the example's row of partial sums (rows are out_row long)
+        out_off = b * out_row + tp * tl.cdiv(d, BLOCK_D) + td
         tl.store(out_w_ptr + out_off, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
         if HAS_BIAS:
             # only the first d-tile reports the bias term, so it is counted once
             bias_sq = tl.where(td == 0, tl.sum(col_sum * col_sum, axis=0), 0.0)
             tl.store(out_b_ptr + out_off, bias_sq)
+
+
+    # GPU: block sizes autotuned per shape (the interpreter uses the fixed ones below)
+    _ghost_tuned = triton.autotune(
+        configs=configs(*[({"BLOCK_K": k}, w, 3) for k in (32, 64, 128) for w in (4, 8)]),
+        key=["T", "d", "p"],
+    )(_ghost_kernel)
+    _direct_tuned = triton.autotune(
+        configs=configs(
+            ({"BLOCK_P": 64, "BLOCK_D": 64, "BLOCK_T": 32}, 4, 3),
+            ({"BLOCK_P": 64, "BLOCK_D": 64, "BLOCK_T": 64}, 4, 4),
+            ({"BLOCK_P": 128, "BLOCK_D": 64, "BLOCK_T": 32}, 4, 3),
+            ({"BLOCK_P": 64, "BLOCK_D": 128, "BLOCK_T": 32}, 4, 3),
+            ({"BLOCK_P": 128, "BLOCK_D": 64, "BLOCK_T": 64}, 8, 4),
+            ({"BLOCK_P": 64, "BLOCK_D": 128, "BLOCK_T": 64}, 8, 4),
+            ({"BLOCK_P": 128, "BLOCK_D": 128, "BLOCK_T": 32}, 8, 3),
+            ({"BLOCK_P": 128, "BLOCK_D": 128, "BLOCK_T": 64}, 8, 3),
+        ),
+        key=["T", "d", "p"],
+    )(_direct_kernel)
 
 
 _PAIRS_CACHE: dict = {}
@@ -232,24 +253,42 @@ def linear_sq_norms_triton(x: torch.Tensor, g: torch.Tensor, bias: bool, method:
         n_pairs = pairs.shape[0]
         out_w = torch.empty((B, n_pairs), dtype=torch.float32, device=x.device)
         out_b = torch.empty((B, n_pairs), dtype=torch.float32, device=x.device) if bias else out_w
-        _ghost_kernel[(B, n_pairs)](
+        args = (
             x, g, pairs, out_w, out_b, T, d, p, n_pairs,
             x.stride(0), x.stride(1), x.stride(2), g.stride(0), g.stride(1), g.stride(2),
-            HAS_BIAS=bias, **dot_flags(x.dtype), BLOCK_T=block_t, BLOCK_K=64,
         )
+        flags = dict(HAS_BIAS=bias, **dot_flags(x.dtype), BLOCK_T=block_t)
+        if use_autotune():
+            _ghost_tuned[(B, n_pairs)](*args, **flags)
+        else:
+            _ghost_kernel[(B, n_pairs)](*args, **flags, BLOCK_K=64)
     elif method == "direct":
-        block_p = 64 if p > 32 else 32
-        block_d = 64 if d > 32 else 32
-        block_t = 32 if T > 16 else 16
-        n_p = triton.cdiv(p, block_p)
-        n_d = triton.cdiv(d, block_d)
-        out_w = torch.empty((B, n_p * n_d), dtype=torch.float32, device=x.device)
-        out_b = torch.empty((B, n_p * n_d), dtype=torch.float32, device=x.device) if bias else out_w
-        _direct_kernel[(B, n_p, n_d)](
-            x, g, out_w, out_b, T, d, p, n_d,
+        # one slot per (p, d) tile of the smallest tiling; unused slots stay zero
+        out_row = triton.cdiv(p, 32 if p <= 32 else 64) * triton.cdiv(d, 32 if d <= 32 else 64)
+        out_w = torch.zeros((B, out_row), dtype=torch.float32, device=x.device)
+        out_b = torch.zeros((B, out_row), dtype=torch.float32, device=x.device) if bias else out_w
+        args = (
+            x, g, out_w, out_b, T, d, p, out_row,
             x.stride(0), x.stride(1), x.stride(2), g.stride(0), g.stride(1), g.stride(2),
-            HAS_BIAS=bias, **dot_flags(x.dtype), BLOCK_P=block_p, BLOCK_D=block_d, BLOCK_T=block_t,
         )
+        flags = dict(HAS_BIAS=bias, **dot_flags(x.dtype))
+        if use_autotune():
+            def grid(meta):
+                return (B, triton.cdiv(p, meta["BLOCK_P"]), triton.cdiv(d, meta["BLOCK_D"]))
+
+            tuned_before = len(_direct_tuned.cache)
+            _direct_tuned[grid](*args, **flags)
+            if len(_direct_tuned.cache) != tuned_before:
+                # this call tuned: configs with other tilings left partial sums in other slots
+                out_w.zero_()
+                out_b.zero_()
+                _direct_tuned[grid](*args, **flags)
+        else:
+            block_p = 64 if p > 32 else 32
+            block_d = 64 if d > 32 else 32
+            block_t = 32 if T > 16 else 16
+            grid = (B, triton.cdiv(p, block_p), triton.cdiv(d, block_d))
+            _direct_kernel[grid](*args, **flags, BLOCK_P=block_p, BLOCK_D=block_d, BLOCK_T=block_t)
     else:
         raise ValueError(f"unknown method {method!r}")
     norms = out_w.sum(dim=1)
