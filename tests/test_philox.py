@@ -1,0 +1,299 @@
+"""Philox-4x32-10 noise: known answers, agreement of the generators, statistics, uniqueness.
+
+Reused or predictable noise is a privacy leak, so this file proves: the block cipher is the
+published Philox-4x32-10 (Random123 known-answer vectors); the Triton generator draws the
+same normals as the torch reference, also for element indices past 2^32; the normals are
+N(0, 1); no two (element, step, stream) counters share a draw; keys are reproducible from a
+seed and fresh (unpredictable) without one.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dpkernels import functional
+from dpkernels.ops._triton import HAS_TRITON, tl, triton
+from dpkernels.ops.philox import MASK32, PhiloxKey, philox4x32_10, philox_normal, resolve_key
+
+from conftest import triton_runnable
+
+# ------------------------------------------------------------------ helpers ---------------
+
+
+def _u32(*values: int) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int64)
+
+
+def _counters(idx: torch.Tensor, step: int, stream: int):
+    return idx & MASK32, (idx >> 32) & MASK32, torch.full_like(idx, step), torch.full_like(idx, stream)
+
+
+def _box_muller(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
+    """The documented transform (dpkernels/ops/philox.py), written out again here."""
+    u1 = x0.to(torch.float32) * 2.0**-32 + 2.0**-33
+    u2 = x1.to(torch.float32) * 2.0**-32
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2 * math.pi * u2)
+
+
+def _normals_at(idx: torch.Tensor, key: PhiloxKey) -> torch.Tensor:
+    """Normals of arbitrary (64-bit) element indices under ``key``, from the raw cipher."""
+    x0, x1, _, _ = philox4x32_10(*_counters(idx, key.step, key.stream), key.seed_lo, key.seed_hi)
+    return _box_muller(x0, x1)
+
+
+KEYS = [
+    PhiloxKey(0),
+    PhiloxKey(1, 1, 1),  # value 1: Triton may specialise such arguments
+    PhiloxKey(0x243F6A8885A308D3, 7, 3),
+    PhiloxKey(2**64 - 1, 2**32 - 1, 2**32 - 1),  # every key/counter word above 2^31
+    PhiloxKey(0xFFFFFFFF00000000 | 0x80000001, 2**31, 2**31 + 5),
+]
+
+# ------------------------------------------------------------------ known answers ---------
+
+# Random123's kat_vectors for philox4x32_10: (counter, key, expected output)
+KAT = [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    (
+        (0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF),
+        (0xFFFFFFFF, 0xFFFFFFFF),
+        (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD),
+    ),
+    (
+        (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+        (0xA4093822, 0x299F31D0),
+        (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+    ),
+]
+
+
+@pytest.mark.parametrize("counter,key,expected", KAT)
+def test_philox_known_answer_vectors(counter, key, expected):
+    out = philox4x32_10(*[_u32(c) for c in counter], *key)
+    assert tuple(int(o) for o in out) == expected
+
+
+def test_philox_known_answers_batched():
+    # the three vectors in one tensor call, with their keys per call: element-wise, no cross-talk
+    counters = [_u32(*col) for col in zip(*[c for c, _, _ in KAT])]
+    for row, (_, key, expected) in enumerate(KAT):
+        out = philox4x32_10(*counters, *key)
+        assert tuple(int(o[row]) for o in out) == expected
+
+
+def test_outputs_are_uint32():
+    idx = torch.arange(10_000, dtype=torch.int64) * 7919
+    for w in philox4x32_10(*_counters(idx, 2**32 - 1, 2**32 - 1), MASK32, MASK32):
+        assert int(w.min()) >= 0 and int(w.max()) <= MASK32
+
+
+def test_reference_normal_is_box_muller_of_the_counter_scheme():
+    key = PhiloxKey(0xDEADBEEF12345678, 11, 4)
+    idx = torch.arange(5000, dtype=torch.int64)
+    assert torch.equal(philox_normal(5000, key), _normals_at(idx, key))
+
+
+# ------------------------------------------------------------------ Triton vs reference ---
+
+
+@pytest.mark.parametrize("key", KEYS, ids=lambda k: f"{k.seed:x}-{k.step}-{k.stream}")
+@pytest.mark.parametrize("numel", [1, 1000, 3001])
+def test_triton_generator_matches_reference(device, key, numel):
+    if not triton_runnable(device):
+        pytest.skip("Triton cannot run here")
+    from dpkernels.ops._triton import philox_normal_triton
+
+    ref = philox_normal(numel, key, device)
+    out = philox_normal_triton(numel, key, device)
+    assert out.dtype == torch.float32 and out.shape == (numel,)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+if HAS_TRITON:
+    from dpkernels.ops._triton import philox_normal_tl
+
+    @triton.jit
+    def _normals_from_kernel(out, base, n, seed_lo, seed_hi, step, stream, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        elem = base + offs.to(tl.int64)
+        tl.store(out + offs, philox_normal_tl(elem, seed_lo, seed_hi, step, stream), mask=offs < n)
+
+
+@pytest.mark.parametrize("base", [0, 2**32 - 100, 2**32, 3 * 2**32 + 17, 2**40 - 50])
+def test_triton_helper_with_64bit_element_indices(device, base):
+    """The kernels' in-register generator handles element indices past 2^32 (c1 = index >> 32)."""
+    if not triton_runnable(device):
+        pytest.skip("Triton cannot run here")
+    key = PhiloxKey(0x0123456789ABCDEF, 5, 9)
+    n = 200
+    out = torch.empty(n, dtype=torch.float32, device=device)
+    _normals_from_kernel[(1,)](out, base, n, key.seed_lo, key.seed_hi, key.step, key.stream, BLOCK=256)
+    idx = torch.arange(base, base + n, dtype=torch.int64)
+    torch.testing.assert_close(out.cpu(), _normals_at(idx, key), rtol=1e-5, atol=1e-5)
+
+
+def test_high_word_of_element_index_changes_the_draw():
+    """Element i + 2^32·k is a different counter from element i: different output."""
+    key = PhiloxKey(99, 3, 2)
+    idx = torch.arange(30_000, dtype=torch.int64)
+    c0, c1, c2, c3 = _counters(idx, key.step, key.stream)
+    low = philox4x32_10(c0, c1, c2, c3, key.seed_lo, key.seed_hi)
+    for hi in (1, 2, 2**31, MASK32):
+        high = philox4x32_10(c0, torch.full_like(c1, hi), c2, c3, key.seed_lo, key.seed_hi)
+        same = (low[0] == high[0]) & (low[1] == high[1])
+        assert not bool(same.any())
+    # and through the index itself
+    big = idx + 2**32
+    assert not bool((_normals_at(big, key) == _normals_at(idx, key)).all())
+    assert (_normals_at(big, key) == _normals_at(idx, key)).float().mean() < 1e-3
+
+
+# ------------------------------------------------------------------ statistics -------------
+
+
+def test_normals_mean_and_std():
+    n = 10**6
+    z = philox_normal(n, PhiloxKey(0x5EED, 1, 2)).double()
+    se_mean = 1 / math.sqrt(n)
+    se_std = 1 / math.sqrt(2 * n)
+    assert abs(z.mean().item()) < 5 * se_mean
+    assert abs(z.std().item() - 1.0) < 5 * se_std
+    # third and fourth moments of N(0,1): 0 and 3
+    assert abs((z**3).mean().item()) < 5 * math.sqrt(15 / n)
+    assert abs((z**4).mean().item() - 3.0) < 5 * math.sqrt(96 / n)
+    assert bool(torch.isfinite(z).all())
+
+
+def test_normals_pass_ks_test():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    z = philox_normal(200_000, PhiloxKey(20240601, 0, 0)).double().numpy()
+    assert scipy_stats.kstest(z, "norm").pvalue > 1e-3
+
+
+def test_normals_tail_frequencies():
+    # P(|z| > 3) = 0.0026998; P(|z| > 4) = 6.334e-5
+    n = 10**6
+    z = philox_normal(n, PhiloxKey(77, 0, 0)).abs()
+    for t, p in ((3.0, 0.0026998), (4.0, 6.334e-5)):
+        count = int((z > t).sum())
+        assert abs(count - n * p) < 5 * math.sqrt(n * p) + 1
+
+
+def test_counters_never_share_a_draw():
+    """4 streams × 4 steps × 10^5 elements: every (x0, x1) pair, which makes the normal, is distinct.
+
+    (x0 alone is a 32-bit value: 1.6·10^6 random ones would collide by chance ~300 times, so
+    the pair feeding Box-Muller is what is checked. Philox is a bijection of the counter for a
+    fixed key, so the full 128-bit outputs are distinct by construction.)
+    """
+    key = PhiloxKey(0xC0FFEE)
+    idx = torch.arange(100_000, dtype=torch.int64)
+    words = []
+    for step in range(4):
+        for stream in range(4):
+            x0, x1, _, _ = philox4x32_10(*_counters(idx, step, stream), key.seed_lo, key.seed_hi)
+            words.append((x0 << 32) | x1)  # wraps in int64, still one-to-one
+    allw = torch.cat(words)
+    assert torch.unique(allw).numel() == allw.numel()
+
+
+def test_streams_steps_seeds_uncorrelated():
+    n = 200_000
+    base = PhiloxKey(1234, 5, 6)
+    z = philox_normal(n, base).double()
+    others = [
+        PhiloxKey(1234, 5, 7),  # next stream
+        PhiloxKey(1234, 6, 6),  # next step
+        PhiloxKey(1235, 5, 6),  # next seed
+        PhiloxKey(1234 + 2**32, 5, 6),  # seed differing only in the high word
+    ]
+    for k in others:
+        w = philox_normal(n, k).double()
+        corr = torch.corrcoef(torch.stack([z, w]))[0, 1].item()
+        assert abs(corr) < 5 / math.sqrt(n), k
+        assert (z == w).float().mean().item() < 1e-4, k
+    # neighbouring elements of one stream are uncorrelated too
+    lag = torch.corrcoef(torch.stack([z[:-1], z[1:]]))[0, 1].item()
+    assert abs(lag) < 5 / math.sqrt(n)
+
+
+def test_same_key_reproduces_exactly():
+    key = PhiloxKey(42, 3, 1)
+    assert torch.equal(philox_normal(12345, key), philox_normal(12345, key))
+    # a prefix of a longer draw is the shorter draw: values depend on the element index only
+    assert torch.equal(philox_normal(100, key), philox_normal(12345, key)[:100])
+
+
+# ------------------------------------------------------------------ keys -------------------
+
+
+def test_resolve_key_none_is_fresh_each_time():
+    keys = {resolve_key(None).seed for _ in range(50)}
+    assert len(keys) == 50
+    k = resolve_key(None)
+    assert (k.step, k.stream) == (0, 0) and 0 <= k.seed < 2**64
+
+
+def test_resolve_key_from_seeded_generator_is_reproducible():
+    g1 = torch.Generator().manual_seed(7)
+    g2 = torch.Generator().manual_seed(7)
+    a = [resolve_key(g1) for _ in range(3)]
+    b = [resolve_key(g2) for _ in range(3)]
+    assert a == b
+    assert len({k.seed for k in a}) == 3  # successive draws differ
+    g3 = torch.Generator().manual_seed(8)
+    assert resolve_key(g3) != a[0]
+    # keys use the full 64 bits
+    seeds = [resolve_key(g1).seed for _ in range(200)]
+    assert max(seeds) >= 2**63 and any(s >> 32 for s in seeds)
+
+
+def test_resolve_key_passes_a_philox_key_through():
+    k = PhiloxKey(5, 6, 7)
+    assert resolve_key(k) is k
+
+
+def test_resolve_key_rejects_other_types():
+    with pytest.raises(TypeError, match="PhiloxKey"):
+        resolve_key(1234)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(seed=-1),
+        dict(seed=2**64),
+        dict(seed=0, step=-1),
+        dict(seed=0, step=2**32),
+        dict(seed=0, stream=-1),
+        dict(seed=0, stream=2**32),
+    ],
+)
+def test_bad_keys_raise(kwargs):
+    with pytest.raises(ValueError, match="PhiloxKey"):
+        PhiloxKey(**kwargs)
+
+
+def test_key_words():
+    k = PhiloxKey(0x0123456789ABCDEF)
+    assert (k.seed_hi, k.seed_lo) == (0x01234567, 0x89ABCDEF)
+
+
+# ------------------------------------------------------------------ gaussian_noise ---------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gaussian_noise_is_the_counter_scheme(device, backend, dtype):
+    key = PhiloxKey(31337, 2, 8)
+    out = functional.gaussian_noise((7, 13), std=0.5, generator=key, device=device, dtype=dtype, backend=backend)
+    assert out.shape == (7, 13) and out.dtype == dtype and out.device.type == device.type
+    ref = (0.5 * philox_normal(91, key, device)).to(dtype).view(7, 13)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+
+
+def test_gaussian_noise_zero_std_is_zero(device):
+    out = functional.gaussian_noise((3, 4), std=0.0, generator=PhiloxKey(1), device=device)
+    assert torch.equal(out, torch.zeros(3, 4, device=device))
