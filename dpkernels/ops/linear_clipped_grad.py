@@ -41,41 +41,40 @@ if HAS_TRITON:
     def _clipped_grad_kernel(
         x_ptr, g_ptr, c_ptr, out_ptr,
         T, K, d, p,
-        sxb, sxt, sxd, sgb, sgt, sgp,
+        sxk, sgk,
         noise_std, seed_lo, seed_hi, step, stream,
         HAS_NOISE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
         BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
+        # x: (K, d) and G: (K, p) with unit feature stride and row strides sxk, sgk; row k
+        # belongs to example k // T. Tile offsets stay small (int32); the pointers advance.
         pid_p = tl.program_id(0)
         pid_d = tl.program_id(1)
         rows_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
         cols_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
         mask_p = rows_p < p
         mask_d = cols_d < d
-        rp = rows_p.to(tl.int64)
-        cd = cols_d.to(tl.int64)
         offs_k = tl.arange(0, BLOCK_K)
+        g_ptrs = g_ptr + offs_k[None, :] * sgk + rows_p[:, None]  # G tile transposed: (BLOCK_P, BLOCK_K)
+        x_ptrs = x_ptr + offs_k[:, None] * sxk + cols_d[None, :]  # (BLOCK_K, BLOCK_D)
 
         acc = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            ks = (k0 + offs_k).to(tl.int64)
+            ks = k0 + offs_k
             kmask = ks < K
-            bi = ks // T
-            ti = ks - bi * T
-            c = tl.load(c_ptr + bi, mask=kmask, other=0.0)
-            # G tile loaded transposed (BLOCK_P, BLOCK_K), rows scaled by their example's factor
-            gt = tl.load(g_ptr + bi[None, :] * sgb + ti[None, :] * sgt + rp[:, None] * sgp,
-                         mask=mask_p[:, None] & kmask[None, :], other=0.0)
-            gt = (gt.to(tl.float32) * c[None, :]).to(g_ptr.dtype.element_ty)
-            xt = tl.load(x_ptr + bi[:, None] * sxb + ti[:, None] * sxt + cd[None, :] * sxd,
-                         mask=kmask[:, None] & mask_d[None, :], other=0.0)
+            c = tl.load(c_ptr + ks // T, mask=kmask, other=0.0)
+            gt = tl.load(g_ptrs, mask=mask_p[:, None] & kmask[None, :], other=0.0)
+            gt = (gt.to(tl.float32) * c[None, :]).to(g_ptr.dtype.element_ty)  # rows scaled by c_i
+            xt = tl.load(x_ptrs, mask=kmask[:, None] & mask_d[None, :], other=0.0)
             acc = dot_acc(acc, gt, xt, IEEE, UPCAST)
+            g_ptrs += BLOCK_K * sgk
+            x_ptrs += BLOCK_K * sxk
 
-        elem = rp[:, None] * d + cd[None, :]
+        # element index in W (p, d), 64-bit: p·d may pass 2^31
+        elem = rows_p.to(tl.int64)[:, None] * d + cols_d[None, :]
         if HAS_NOISE:
             acc += noise_std * philox_normal_tl(elem, seed_lo, seed_hi, step, stream)
         tl.store(out_ptr + elem, acc.to(out_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_d[None, :])
-
 
     # GPU: tiles autotuned per shape; every config writes the whole output, so tuning is safe
     _clipped_grad_tuned = triton.autotune(
@@ -93,16 +92,23 @@ if HAS_TRITON:
     )(_clipped_grad_kernel)
 
 
+def _rows(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """(B, T, f) as a (B·T, f) matrix with unit column stride: a view when strides allow."""
+    m = t.reshape(rows, cols)
+    return m if m.stride(1) == 1 or cols == 1 else m.contiguous()
+
+
 def linear_clipped_grad_triton(
     x: torch.Tensor, g: torch.Tensor, clip_factors: torch.Tensor, noise_std: float, key: PhiloxKey
 ) -> torch.Tensor:
-    """Triton kernel (x: (B,T,d), g: (B,T,p), any strides) → (p, d) in x's dtype."""
+    """Triton kernel (x: (B,T,d), g: (B,T,p), any strides; copied only when not viewable as rows)."""
     B, T, d = x.shape
     p = g.shape[2]
     out = torch.empty((p, d), dtype=x.dtype, device=x.device)
+    x2 = _rows(x, B * T, d)
+    g2 = _rows(g, B * T, p)
     args = (
-        x, g, clip_factors, out, T, B * T, d, p,
-        x.stride(0), x.stride(1), x.stride(2), g.stride(0), g.stride(1), g.stride(2),
+        x2, g2, clip_factors, out, T, B * T, d, p, x2.stride(0), g2.stride(0),
         float(noise_std), key.seed_lo, key.seed_hi, key.step, key.stream,
     )
     flags = dict(HAS_NOISE=noise_std != 0.0, **dot_flags(x.dtype))
