@@ -29,7 +29,7 @@ def cuda_extensions():
         name="dpkernels._C",
         sources=[os.path.join("csrc", "bindings.cpp"), os.path.join("csrc", "clip_sum_noise.cu")],
         include_dirs=[os.path.join(here, "csrc")],
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
