@@ -108,6 +108,8 @@ LINEAR_CASES = [
     "2d:1x1x1",
     "2d:3x7x33",
     "2d:5x70x75",  # T = 1 (rowwise norms); d, p > 64: several tiles of the clipped-sum GEMM
+    "2d:2x300x5",  # d past one 256-wide block of the rowwise kernel
+    "2d:2x5x300",  # p past it
     "3d:1x1x33x45",  # T = 1 through the 3-D path
     "3d:3x7x33x45",
     "3d:2x70x7x33",  # T = 70: two ghost tiles of 64 (diagonal and off-diagonal)
@@ -140,6 +142,7 @@ def example_loss(kind: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tens
 
     "ce": cross-entropy; output (k,) or (T, k), target () or (T,) class indices, summed over T.
     "sq": sum of squares of (output - target), summed over every position.
+    "sum": the sum of the outputs (the target is ignored): its output gradient is all ones.
     """
     if kind == "ce":
 
@@ -151,6 +154,8 @@ def example_loss(kind: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tens
         return ce
     if kind == "sq":
         return lambda out, target: (out - target).square().sum()
+    if kind == "sum":
+        return lambda out, target: out.sum()
     raise ValueError(kind)
 
 
@@ -159,8 +164,12 @@ def batch_loss(kind: str, out: torch.Tensor, target: torch.Tensor, reduction: st
     if kind == "ce":
         per_pos = F.cross_entropy(out.reshape(-1, out.shape[-1]), target.reshape(-1), reduction="none")
         per_example = per_pos.reshape(out.shape[0], -1).sum(1)
-    else:
+    elif kind == "sq":
         per_example = (out - target).square().reshape(out.shape[0], -1).sum(1)
+    elif kind == "sum":
+        return out.sum() / (out.shape[0] if reduction == "mean" else 1)  # G is an expanded (stride-0) tensor
+    else:
+        raise ValueError(kind)
     return per_example.mean() if reduction == "mean" else per_example.sum()
 
 

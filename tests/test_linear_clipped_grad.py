@@ -150,3 +150,24 @@ def test_does_not_modify_inputs(device, backend):
     x0, g0, c0 = x.clone(), g.clone(), c.clone()
     functional.linear_clipped_grad(x, g, c, noise_std=1.0, generator=PhiloxKey(1), backend=backend)
     assert torch.equal(x, x0) and torch.equal(g, g0) and torch.equal(c, c0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(4, 300, 512, 384), (3, 130, 96, 200)])
+def test_autotuned_clipped_grad_on_gpu(shape, dtype):
+    """GPU only: the autotuned GEMM (every config) gives the clipped sum plus the key's noise."""
+    B, T, d, p = shape
+    gen = torch.Generator().manual_seed(B * T)
+    x = (torch.randn(B, T, d, generator=gen) / d**0.5).to("cuda", dtype)
+    g = (torch.randn(B, T, p, generator=gen) / T).to("cuda", dtype)
+    c = clip_factors(B, "cuda")
+    key = PhiloxKey(77, 1, 2)
+    rw, rb = linear_clipped_sum_oracle(x, g, c, True)
+    rw = rw + _noise(key, (p, d), 0.01, "cuda")
+    rb = rb + _noise(PhiloxKey(77, 1, 3), (p,), 0.01, "cuda")
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    for _ in range(2):
+        gw, gb = functional.linear_clipped_grad(x, g, c, noise_std=0.01, generator=key, backend="triton")
+        _close(gw, rw, tol)
+        _close(gb, rb, tol)
