@@ -46,7 +46,7 @@ setup(
     python_requires=">=3.9",
     # torch is required but not pinned here: install the torch build you want first
     # (a range that the installed torch satisfies makes pip install nothing more).
-    install_requires=["torch>=2.3", "numpy>=1.22", "scipy>=1.8"],
+    install_requires=["torch>=2.4", "numpy>=1.22", "scipy>=1.8"],
     extras_require={
         "triton": ["triton>=3.0"],
         "demo": ["scikit-learn>=1.0"],

@@ -174,10 +174,12 @@ def linear_clipped_grad(
     noise_std: float = 0.0,
     generator: Generator = None,
     backend: Optional[str] = None,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``(grad_weight, grad_bias)`` = Σ_i c_i g_i + noise_std·z in one fused pass.
 
-    grad_weight is (p, d) and grad_bias (p,) (None when ``bias=False``), in x's dtype.
+    grad_weight is (p, d) and grad_bias (p,) (None when ``bias=False``), in ``out_dtype``
+    (default: x's dtype); accumulation is float32 either way.
     ``generator`` names the noise: a ``PhiloxKey`` (seed, step, stream) chosen by the caller,
     a ``torch.Generator`` (a fresh 64-bit key is drawn from it), or None (a fresh key from the
     OS CSPRNG). The weight uses the key as given; the bias uses the next stream (stream + 1),
@@ -188,17 +190,19 @@ def linear_clipped_grad(
     c = _check_clip_factors(clip_factors, B, x3.device)
     noise_std = _check_noise_std(noise_std)
     key = resolve_key(generator)
+    if out_dtype is not None and out_dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
     impl = select_backend(x3.device, backend)
     if impl == "torch":
-        grad_w = _lcg.linear_clipped_grad_reference(x3, g3, c, noise_std, key)
+        grad_w = _lcg.linear_clipped_grad_reference(x3, g3, c, noise_std, key, out_dtype)
     else:
-        grad_w = _lcg.linear_clipped_grad_triton(x3, g3, c, noise_std, key)
+        grad_w = _lcg.linear_clipped_grad_triton(x3, g3, c, noise_std, key, out_dtype)
     grad_b = None
     if bias:
         bias_key = PhiloxKey(key.seed, key.step, (key.stream + 1) % 2**32)
         per_example_bias = g3.sum(dim=1, dtype=torch.float32)
         grad_b = clip_sum_noise(per_example_bias, c, noise_std=noise_std, generator=bias_key, backend=backend)
-        grad_b = grad_b.to(x3.dtype)
+        grad_b = grad_b.to(out_dtype or x3.dtype)
     return grad_w, grad_b
 
 

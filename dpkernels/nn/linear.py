@@ -50,7 +50,15 @@ class DPLinear(nn.Linear, DPModule):
                 "empty batch reached DPLinear: with Poisson sampling call optimizer.noise_only_step() "
                 "for an empty batch instead of running the model"
             )
-        return DPLinearFunction.apply(input, self.weight, self.bias, self._dp_collector.for_module(self))
+        weight, bias = self.weight, self.bias
+        device_type = input.device.type
+        if torch.is_autocast_enabled(device_type):
+            # do autocast's cast here, so that the saved input, the output gradient and the
+            # per-example norms all see the dtype the matmul ran in
+            dtype = torch.get_autocast_dtype(device_type)
+            input, weight = input.to(dtype), weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
+        return DPLinearFunction.apply(input, weight, bias, self._dp_collector.for_module(self))
 
     def dp_clipped_grads(
         self,
@@ -66,7 +74,7 @@ class DPLinear(nn.Linear, DPModule):
             raise RuntimeError("internal: the bias noise stream must follow the weight's (stream + 1)")
         grad_w, grad_b = functional.linear_clipped_grad(
             x, grad_output, clip_factors, bias=with_bias,
-            noise_std=noise_std, generator=keys["weight"], backend=backend,
+            noise_std=noise_std, generator=keys["weight"], backend=backend, out_dtype=self.weight.dtype,
         )
         grads = {"weight": grad_w}
         if grad_b is not None:

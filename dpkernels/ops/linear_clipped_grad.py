@@ -9,7 +9,8 @@ B·T axis. The Triton kernel fuses the row scaling into the load of G (in float3
 rounded to the input dtype for the tensor-core product) and adds the Philox noise Z
 (counter scheme of ``dpkernels/ops/philox.py``, element index = row-major index in W)
 in the epilogue, so neither c∘G nor Z is ever written to memory. Accumulation is float32;
-the result is returned in x's dtype.
+the result is stored in ``out_dtype`` (default x's dtype; the engine asks for the parameter's,
+so float32 master weights trained on bfloat16 activations get an unrounded float32 gradient).
 
 The bias gradient Σ_i c_i Σ_t G_it + σ_n·z is the clip-sum-noise of the (B, p) per-example
 bias gradients (``clip_sum_noise.py``), drawn with its own counter stream.
@@ -23,16 +24,17 @@ from .philox import PhiloxKey, philox_normal
 
 
 def linear_clipped_grad_reference(
-    x: torch.Tensor, g: torch.Tensor, clip_factors: torch.Tensor, noise_std: float, key: PhiloxKey
+    x: torch.Tensor, g: torch.Tensor, clip_factors: torch.Tensor, noise_std: float, key: PhiloxKey,
+    out_dtype: "torch.dtype | None" = None,
 ) -> torch.Tensor:
-    """torch reference (x: (B,T,d), g: (B,T,p)) → (p, d) in x's dtype."""
+    """torch reference (x: (B,T,d), g: (B,T,p)) → (p, d) in out_dtype (default x's)."""
     B, T, d = x.shape
     p = g.shape[2]
     scaled = g.float() * clip_factors.float().view(B, 1, 1)
     acc = scaled.reshape(B * T, p).t() @ x.float().reshape(B * T, d)
     if noise_std != 0.0:
         acc = acc + noise_std * philox_normal(p * d, key, acc.device).view(p, d)
-    return acc.to(x.dtype)
+    return acc.to(out_dtype or x.dtype)
 
 
 if HAS_TRITON:
@@ -99,12 +101,13 @@ def _rows(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 
 
 def linear_clipped_grad_triton(
-    x: torch.Tensor, g: torch.Tensor, clip_factors: torch.Tensor, noise_std: float, key: PhiloxKey
+    x: torch.Tensor, g: torch.Tensor, clip_factors: torch.Tensor, noise_std: float, key: PhiloxKey,
+    out_dtype: "torch.dtype | None" = None,
 ) -> torch.Tensor:
     """Triton kernel (x: (B,T,d), g: (B,T,p), any strides; copied only when not viewable as rows)."""
     B, T, d = x.shape
     p = g.shape[2]
-    out = torch.empty((p, d), dtype=x.dtype, device=x.device)
+    out = torch.empty((p, d), dtype=out_dtype or x.dtype, device=x.device)
     x2 = _rows(x, B * T, d)
     g2 = _rows(g, B * T, p)
     args = (
