@@ -121,20 +121,7 @@ LINEAR_CASES = [
     "4d_permuted:2x3x5x7x45",
 ]
 
-# ------------------------------------------------------------------ small models ----------
-
-
-class MLP(nn.Module):
-    """Linear-Tanh-Linear; accepts (B, d) or a sequence (B, T, d)."""
-
-    def __init__(self, d_in: int, hidden: int, d_out: int, bias: bool = True) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(d_in, hidden, bias=bias)
-        self.act = nn.Tanh()
-        self.fc2 = nn.Linear(hidden, d_out)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+# ------------------------------------------------------------------ models ----------------
 
 
 def example_loss(kind: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

@@ -77,6 +77,12 @@ def test_wrong_clip_factors():
         functional.clip_sum_noise(torch.randn(3, 5), torch.ones(3, dtype=torch.int64))
 
 
+def test_bad_out_dtype():
+    x, g = _xg()
+    with pytest.raises(TypeError, match="out_dtype must be float32, bfloat16 or float16"):
+        functional.linear_clipped_grad(x, g, torch.ones(3), out_dtype=torch.float64)
+
+
 @pytest.mark.parametrize("bad", [-1.0, -1e-12, float("nan"), float("inf")])
 def test_bad_noise_std(bad):
     x, g = _xg()
