@@ -4,9 +4,11 @@
 // defined there and must not change here without changing it there:
 //
 //   key     = (seed_lo, seed_hi)              the 64-bit seed split into 32-bit words
-//   counter = (elem_lo, elem_hi, step, stream)  elem = flat row-major element index (64 bits)
+//   elem    = flat row-major element index (64 bits); group j = elem >> 2, slot = elem & 3
+//   counter = (j_lo, j_hi, step, stream)
 //   (x0, x1, x2, x3) = Philox4x32-10(counter, key)
-//   u1 = x0 * 2^-32 + 2^-33,  u2 = x1 * 2^-32,  z = sqrt(-2 ln u1) * cos(2 pi u2)   (float32)
+//   R_a = sqrt(-2 ln(x0 2^-32 + 2^-33)), t_a = 2 pi x1 2^-32; R_b, t_b likewise from (x2, x3)
+//   z[slot 0..3] = R_a cos t_a, R_a sin t_a, R_b cos t_b, R_b sin t_b                 (float32)
 //
 // Everything here is __host__ __device__ so that the same code runs in the kernels and in host
 // checks (csrc/philox_host_check.cpp compiles this header with a plain C++ compiler).
@@ -15,15 +17,15 @@
 // reference (int->float conversion, the two scalings, -2*log, sqrt, the 2*pi product, cos, the
 // final product) is reproduced with an explicitly round-to-nearest float32 operation, so the
 // result does not depend on --use_fast_math / --fmad / --prec-sqrt. log and cos are evaluated
-// in double precision and rounded to float32: double-precision math functions are not replaced
+// (and sin) in double precision and rounded to float32: double-precision math functions are not replaced
 // by the fast approximate intrinsics under --use_fast_math (unlike logf/cosf, which would become
 // __logf/__cosf, whose absolute error near u1 = 1 shifts small |z| by up to ~3e-4). The result
 // is therefore the correctly rounded float32 log/cos in all but astronomically rare
 // double-rounding cases, i.e. within 1 ulp of torch's float32 log/cos; z agrees with the torch
 // reference to a few float32 ulps (< 2e-6 absolute, since |z| < 6.8).
-// Cost: one double log and one double cos per drawn element (the fused kernels draw one normal
-// per output element, after reading B input elements for it, so this is off the critical path
-// except for B of 1 or 2).
+// Cost: one Philox call, one double log and one double cos or sin per drawn element (this
+// memory-bound kernel draws one normal per output element after reading B input elements for
+// it, so it does not regroup draws by four as the Triton GEMM epilogue does).
 #pragma once
 
 #include <cmath>
@@ -94,39 +96,44 @@ DPK_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
   return Philox4{c0, c1, c2, c3};
 }
 
-// The four Philox outputs for element `elem` of the counter block `key`.
-DPK_HD Philox4 philox_draw(const PhiloxKey& key, uint64_t elem) {
-  return philox4x32_10(static_cast<uint32_t>(elem), static_cast<uint32_t>(elem >> 32), key.step,
+// The four Philox outputs at the 64-bit counter value `ctr` (words ctr_lo, ctr_hi, step, stream).
+DPK_HD Philox4 philox_draw(const PhiloxKey& key, uint64_t ctr) {
+  return philox4x32_10(static_cast<uint32_t>(ctr), static_cast<uint32_t>(ctr >> 32), key.step,
                        key.stream, key.seed_lo, key.seed_hi);
 }
 
-// Box-Muller on (x0, x1), float32 with round-to-nearest at every step (see the header comment).
-DPK_HD float box_muller(uint32_t x0, uint32_t x1) {
+// Box-Muller on (xa, xb): R cos t (use_sin false) or R sin t, float32 with round-to-nearest at
+// every step (see the header comment).
+DPK_HD float box_muller(uint32_t xa, uint32_t xb, bool use_sin) {
 #if defined(__CUDA_ARCH__)
-  const float u1 = __fadd_rn(__fmul_rn(__uint2float_rn(x0), kInv2Pow32), kHalfInv2Pow32);
-  const float u2 = __fmul_rn(__uint2float_rn(x1), kInv2Pow32);
+  const float u1 = __fadd_rn(__fmul_rn(__uint2float_rn(xa), kInv2Pow32), kHalfInv2Pow32);
+  const float u2 = __fmul_rn(__uint2float_rn(xb), kInv2Pow32);
   const float ln_u1 = __double2float_rn(::log(static_cast<double>(u1)));
   const float radius = __fsqrt_rn(__fmul_rn(-2.0f, ln_u1));
   const float angle = __fmul_rn(kTwoPiF, u2);
-  const float cos_a = __double2float_rn(::cos(static_cast<double>(angle)));
-  return __fmul_rn(radius, cos_a);
+  const double a = static_cast<double>(angle);
+  const float trig = __double2float_rn(use_sin ? ::sin(a) : ::cos(a));
+  return __fmul_rn(radius, trig);
 #else
   // Host: plain float32 operations are IEEE round-to-nearest; the products by powers of two
   // are exact, so even a contracted multiply-add gives the same u1.
-  const float u1 = static_cast<float>(x0) * kInv2Pow32 + kHalfInv2Pow32;
-  const float u2 = static_cast<float>(x1) * kInv2Pow32;
+  const float u1 = static_cast<float>(xa) * kInv2Pow32 + kHalfInv2Pow32;
+  const float u2 = static_cast<float>(xb) * kInv2Pow32;
   const float ln_u1 = static_cast<float>(std::log(static_cast<double>(u1)));
   const float radius = std::sqrt(-2.0f * ln_u1);
   const float angle = kTwoPiF * u2;
-  const float cos_a = static_cast<float>(std::cos(static_cast<double>(angle)));
-  return radius * cos_a;
+  const double a = static_cast<double>(angle);
+  const float trig = static_cast<float>(use_sin ? std::sin(a) : std::cos(a));
+  return radius * trig;
 #endif
 }
 
 // The standard normal for element `elem` of the counter block `key`.
 DPK_HD float philox_normal(const PhiloxKey& key, uint64_t elem) {
-  const Philox4 r = philox_draw(key, elem);
-  return box_muller(r.x0, r.x1);
+  const Philox4 r = philox_draw(key, elem >> 2);
+  const uint32_t slot = static_cast<uint32_t>(elem & 3u);
+  const bool second_pair = slot >= 2u;
+  return box_muller(second_pair ? r.x2 : r.x0, second_pair ? r.x3 : r.x1, (slot & 1u) != 0u);
 }
 
 }  // namespace dpk

@@ -30,17 +30,24 @@ def _counters(idx: torch.Tensor, step: int, stream: int):
     return idx & MASK32, (idx >> 32) & MASK32, torch.full_like(idx, step), torch.full_like(idx, stream)
 
 
-def _box_muller(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
+def _box_muller(xa: torch.Tensor, xb: torch.Tensor, use_sin: torch.Tensor) -> torch.Tensor:
     """The documented transform (dpkernels/ops/philox.py), written out again here."""
-    u1 = x0.to(torch.float32) * 2.0**-32 + 2.0**-33
-    u2 = x1.to(torch.float32) * 2.0**-32
-    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2 * math.pi * u2)
+    u1 = xa.to(torch.float32) * 2.0**-32 + 2.0**-33
+    angle = (2 * math.pi) * (xb.to(torch.float32) * 2.0**-32)
+    radius = torch.sqrt(-2.0 * torch.log(u1))
+    return radius * torch.where(use_sin, torch.sin(angle), torch.cos(angle))
 
 
 def _normals_at(idx: torch.Tensor, key: PhiloxKey) -> torch.Tensor:
-    """Normals of arbitrary (64-bit) element indices under ``key``, from the raw cipher."""
-    x0, x1, _, _ = philox4x32_10(*_counters(idx, key.step, key.stream), key.seed_lo, key.seed_hi)
-    return _box_muller(x0, x1)
+    """Normals of arbitrary (64-bit) element indices under ``key``, from the raw cipher.
+
+    Element e is slot e & 3 of group e >> 2: slots 0, 1 are R cos, R sin of (x0, x1), slots
+    2, 3 the same of (x2, x3).
+    """
+    x0, x1, x2, x3 = philox4x32_10(*_counters(idx >> 2, key.step, key.stream), key.seed_lo, key.seed_hi)
+    slot = idx & 3
+    second = slot >= 2
+    return _box_muller(torch.where(second, x2, x0), torch.where(second, x3, x1), (slot & 1) == 1)
 
 
 KEYS = [
@@ -182,19 +189,21 @@ def test_normals_tail_frequencies():
 
 
 def test_counters_never_share_a_draw():
-    """4 streams × 4 steps × 10^5 elements: every (x0, x1) pair, which makes the normal, is distinct.
+    """4 streams × 4 steps × 10^5 groups: every word pair that feeds Box-Muller is distinct.
 
-    (x0 alone is a 32-bit value: 1.6·10^6 random ones would collide by chance ~300 times, so
-    the pair feeding Box-Muller is what is checked. Philox is a bijection of the counter for a
-    fixed key, so the full 128-bit outputs are distinct by construction.)
+    Each group's (x0, x1) makes the normals of its slots 0, 1 and (x2, x3) those of slots 2, 3.
+    (A 32-bit word alone would collide by chance among 10^6 draws, so the 64-bit pairs are what
+    is checked. Philox is a bijection of the counter for a fixed key, so the full 128-bit outputs
+    are distinct by construction.)
     """
     key = PhiloxKey(0xC0FFEE)
     idx = torch.arange(100_000, dtype=torch.int64)
     words = []
     for step in range(4):
         for stream in range(4):
-            x0, x1, _, _ = philox4x32_10(*_counters(idx, step, stream), key.seed_lo, key.seed_hi)
+            x0, x1, x2, x3 = philox4x32_10(*_counters(idx, step, stream), key.seed_lo, key.seed_hi)
             words.append((x0 << 32) | x1)  # wraps in int64, still one-to-one
+            words.append((x2 << 32) | x3)
     allw = torch.cat(words)
     assert torch.unique(allw).numel() == allw.numel()
 

@@ -26,10 +26,10 @@ def interpret_mode() -> bool:
 if HAS_TRITON:
 
     @triton.jit
-    def philox_normal_tl(elem, seed_lo, seed_hi, step, stream):
-        """Standard normals for int64 element indices ``elem`` (see dpkernels/ops/philox.py)."""
-        c0 = (elem & 0xFFFFFFFF).to(tl.uint32)
-        c1 = ((elem >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    def philox4x32_10_tl(group, seed_lo, seed_hi, step, stream):
+        """Philox-4x32-10 of counters (group lo, group hi, step, stream); group: int64 tensor."""
+        c0 = (group & 0xFFFFFFFF).to(tl.uint32)
+        c1 = ((group >> 32) & 0xFFFFFFFF).to(tl.uint32)
         # to_tensor: scalar arguments may arrive as constexpr (Triton specialises some ints)
         c2 = tl.zeros_like(c0) + tl.to_tensor(step).to(tl.uint32)
         c3 = tl.zeros_like(c0) + tl.to_tensor(stream).to(tl.uint32)
@@ -48,9 +48,44 @@ if HAS_TRITON:
             c3 = lo0
             k0 = k0 + 0x9E3779B9
             k1 = k1 + 0xBB67AE85
-        u1 = c0.to(tl.float32) * 2.3283064365386963e-10 + 1.1641532182693481e-10
-        u2 = c1.to(tl.float32) * 2.3283064365386963e-10
-        return tl.sqrt(-2.0 * tl.log(u1)) * tl.cos(6.283185307179586 * u2)
+        return c0, c1, c2, c3
+
+    @triton.jit
+    def _radius(x):
+        return tl.sqrt(-2.0 * tl.log(x.to(tl.float32) * 2.3283064365386963e-10 + 1.1641532182693481e-10))
+
+    @triton.jit
+    def _angle(x):
+        return 6.283185307179586 * (x.to(tl.float32) * 2.3283064365386963e-10)
+
+    @triton.jit
+    def philox_normal_tl(elem, seed_lo, seed_hi, step, stream):
+        """Standard normals for int64 element indices ``elem`` of any shape and alignment.
+
+        One Philox call per element (the group's other three outputs are discarded); use
+        ``philox_normal_groups_tl`` where elements come in aligned runs of four.
+        """
+        x0, x1, x2, x3 = philox4x32_10_tl(elem >> 2, seed_lo, seed_hi, step, stream)
+        slot = elem & 3
+        second_pair = slot >= 2
+        radius = _radius(tl.where(second_pair, x2, x0))
+        angle = _angle(tl.where(second_pair, x3, x1))
+        return radius * tl.where((slot & 1) == 1, tl.sin(angle), tl.cos(angle))
+
+    @triton.jit
+    def philox_normal_groups_tl(group, seed_lo, seed_hi, step, stream):
+        """The normals of elements 4g .. 4g+3 for int64 groups ``group`` of shape (R, G): (R, 4G).
+
+        One Philox call, two logs and two square roots per four elements.
+        """
+        x0, x1, x2, x3 = philox4x32_10_tl(group, seed_lo, seed_hi, step, stream)
+        ra = _radius(x0)
+        aa = _angle(x1)
+        rb = _radius(x2)
+        ab = _angle(x3)
+        # join(join(z0, z2), join(z1, z3)) has [..., i, o] = z_{2i+o}: row-major order z0 z1 z2 z3
+        z = tl.join(tl.join(ra * tl.cos(aa), rb * tl.cos(ab)), tl.join(ra * tl.sin(aa), rb * tl.sin(ab)))
+        return tl.reshape(z, (group.shape[0], 4 * group.shape[1]))
 
     @triton.jit
     def dot_acc(acc, a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
@@ -68,8 +103,9 @@ if HAS_TRITON:
 
     @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "step", "stream"])
     def _philox_normal_kernel(out, n, seed_lo, seed_hi, step, stream, BLOCK: tl.constexpr):
+        groups = tl.program_id(0).to(tl.int64) * (BLOCK // 4) + tl.arange(0, BLOCK // 4)
+        z = tl.reshape(philox_normal_groups_tl(groups[None, :], seed_lo, seed_hi, step, stream), (BLOCK,))
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        z = philox_normal_tl(offs, seed_lo, seed_hi, step, stream)
         tl.store(out + offs, z, mask=offs < n)
 
 

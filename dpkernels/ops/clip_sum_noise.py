@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import HAS_TRITON, philox_normal_tl, tl, triton
+from ._triton import HAS_TRITON, philox_normal_groups_tl, tl, triton
 from .philox import PhiloxKey, philox_normal
 
 
@@ -47,7 +47,9 @@ if HAS_TRITON:
                         mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
             acc += tl.sum(v * c[:, None], axis=0)
         if HAS_NOISE:
-            acc += noise_std * philox_normal_tl(cols, seed_lo, seed_hi, step, stream)
+            groups = tl.program_id(0).to(tl.int64) * (BLOCK_N // 4) + tl.arange(0, BLOCK_N // 4)
+            z = philox_normal_groups_tl(groups[None, :], seed_lo, seed_hi, step, stream)
+            acc += noise_std * tl.reshape(z, (BLOCK_N,))
         tl.store(out_ptr + cols, acc.to(out_ptr.dtype.element_ty), mask=cmask)
 
 

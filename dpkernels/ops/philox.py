@@ -6,24 +6,26 @@ this torch reference (int64 arithmetic, masks to 32 bits), the Triton helper in
 
 Counter scheme
 --------------
-A draw is named by a 64-bit ``seed`` (the Philox key) and a 128-bit counter made of
+A draw is named by a 64-bit ``seed`` (the Philox key) and the flat, row-major index ``e`` of
+the element inside its parameter tensor. Elements come in groups of four consecutive
+indices, j = e >> 2, and each group is one 128-bit Philox counter
 
-    c0 = element index, low 32 bits      c1 = element index, high 32 bits
-    c2 = step                            c3 = stream (one per parameter tensor)
+    c0 = j, low 32 bits      c1 = j, high 32 bits      c2 = step      c3 = stream
 
-where the element index is the flat, row-major index of the element inside its
-parameter tensor. Philox is a bijection of the counter for a fixed key, so two
-elements that differ in (element, step, stream) never share a draw; a run is
-reproducible from ``seed``.
+(stream: one per parameter tensor). Philox is a bijection of the counter for a fixed key, so
+two groups that differ in (j, step, stream) never share a draw, and inside a group each of
+the four outputs serves one element; a run is reproducible from ``seed``.
 
-From the four 32-bit outputs (x0, x1, x2, x3) one standard normal is formed by
-Box-Muller on the first two:
+Box-Muller turns the four 32-bit outputs (x0, x1, x2, x3) into the group's four normals:
 
-    u1 = x0 * 2^-32 + 2^-33        (in (0, 1]: never 0, so the log is finite)
-    u2 = x1 * 2^-32
-    z  = sqrt(-2 ln u1) * cos(2 pi u2)
+    R_a = sqrt(-2 ln(x0·2^-32 + 2^-33)),  θ_a = 2π·x1·2^-32     z[4j]   = R_a cos θ_a
+                                                                z[4j+1] = R_a sin θ_a
+    R_b = sqrt(-2 ln(x2·2^-32 + 2^-33)),  θ_b = 2π·x3·2^-32     z[4j+2] = R_b cos θ_b
+                                                                z[4j+3] = R_b sin θ_b
 
-computed in float32. The tail reaches sqrt(2 * 33 ln 2) ~ 6.8 standard deviations.
+in float32 (u = x·2^-32 + 2^-33 lies in (0, 1], so the log is finite). The tail reaches
+sqrt(2·33 ln 2) ≈ 6.8 standard deviations. One Philox call per four elements, and one log
+and one square root per two, is what makes the noise cheap enough for a GEMM epilogue.
 """
 from __future__ import annotations
 
@@ -114,14 +116,18 @@ def philox4x32_10(
     return c0, c1, c2, c3
 
 
+def _box_muller_pair(xa: torch.Tensor, xb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    radius = torch.sqrt(-2.0 * torch.log(xa.to(torch.float32) * INV_2_32 + HALF_INV_2_32))
+    angle = TWO_PI * (xb.to(torch.float32) * INV_2_32)
+    return radius * torch.cos(angle), radius * torch.sin(angle)
+
+
 def philox_normal(numel: int, key: PhiloxKey, device: torch.device | str = "cpu") -> torch.Tensor:
     """float32 standard normals for elements 0..numel-1 of the counter block ``key`` (reference)."""
-    idx = torch.arange(numel, dtype=torch.int64, device=device)
-    c0 = idx & MASK32
-    c1 = (idx >> 32) & MASK32
-    c2 = torch.full_like(idx, key.step)
-    c3 = torch.full_like(idx, key.stream)
-    x0, x1, _, _ = philox4x32_10(c0, c1, c2, c3, key.seed_lo, key.seed_hi)
-    u1 = x0.to(torch.float32) * INV_2_32 + HALF_INV_2_32
-    u2 = x1.to(torch.float32) * INV_2_32
-    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(TWO_PI * u2)
+    group = torch.arange((numel + 3) // 4, dtype=torch.int64, device=device)
+    c2 = torch.full_like(group, key.step)
+    c3 = torch.full_like(group, key.stream)
+    x0, x1, x2, x3 = philox4x32_10(group & MASK32, (group >> 32) & MASK32, c2, c3, key.seed_lo, key.seed_hi)
+    z0, z1 = _box_muller_pair(x0, x1)
+    z2, z3 = _box_muller_pair(x2, x3)
+    return torch.stack([z0, z1, z2, z3], dim=1).reshape(-1)[:numel]
