@@ -101,6 +101,9 @@ def make_linear_inputs(case: str, device, dtype=torch.float32):
         x = rnd(T2, B, d, T1).permute(1, 3, 0, 2)
         gg = rnd(B, T2, T1, p).transpose(1, 2)
         return x, gg
+    if kind == "3d_expanded":  # stride-0 views: x one row broadcast to every example, G constant over T
+        B, T, d, p = n
+        return rnd(1, 1, d).expand(B, T, d), rnd(B, 1, p).expand(B, T, p)
     raise ValueError(case)
 
 
@@ -119,6 +122,7 @@ LINEAR_CASES = [
     "2d_transposed:4x33x7",
     "3d_strided:3x9x33x45",
     "4d_permuted:2x3x5x7x45",
+    "3d_expanded:3x5x7x40",
 ]
 
 # ------------------------------------------------------------------ models ----------------

@@ -452,6 +452,19 @@ def test_accountant_called_once_per_step(device, backend):
     assert acc.calls == [(0.9, 0.05, 1)] * 4
 
 
+def test_lr_scheduler_drives_the_wrapped_optimizer(device, backend):
+    model, x, t, loss_kind = data("2d-ce", device)
+    model, opt = private(model, lr=0.4, backend=backend)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    for lr in (0.4, 0.2):
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        one_step(model, opt, x, t, loss_kind, "mean")
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(p.detach(), before[n] - lr * p.grad, rtol=0, atol=1e-6)
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1)
+
+
 def test_zero_grad_discards_a_recorded_backward(device, backend):
     model, x, t, loss_kind = data("2d-ce", device)
     model, opt = private(model, backend=backend)

@@ -89,7 +89,20 @@ def test_float32_output_of_half_inputs(device, backend, case):
     _close(gb, rb, 1e-5)
 
 
-@pytest.mark.parametrize("case", ["2d:1x1x1", "3d:3x7x33x45", "3d:2x5x70x75", "4d_permuted:2x3x5x7x45"])
+NOISE_CASES = [
+    "2d:1x1x1",
+    "3d:3x7x33x45",
+    "3d:2x5x70x75",
+    "4d_permuted:2x3x5x7x45",
+    # d % 4 == 0: the kernel draws whole groups of four elements per Philox call
+    "2d:1x4x1",
+    "2d:2x12x5",  # one 32-wide d tile, partly masked
+    "3d:2x3x36x45",  # one 64-wide d tile, partly masked
+    "2d:3x68x33",  # two d tiles, the second holding a single group
+]
+
+
+@pytest.mark.parametrize("case", NOISE_CASES)
 def test_noise_is_philox_of_the_key(device, backend, case):
     """grad_W = clipped sum + σ·z(key), grad_b = clipped sum + σ·z(key with stream + 1)."""
     x, g = make_inputs(case, device)
