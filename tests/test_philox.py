@@ -128,6 +128,29 @@ if HAS_TRITON:
         tl.store(out + offs, philox_normal_tl(elem, seed_lo, seed_hi, step, stream), mask=offs < n)
 
 
+if HAS_TRITON:
+    from dpkernels.ops._triton import philox_normal_groups_tl
+
+    @triton.jit
+    def _group_normals_from_kernel(out, gbase, seed_lo, seed_hi, step, stream, G: tl.constexpr):
+        groups = gbase + tl.arange(0, G).to(tl.int64)
+        z = tl.reshape(philox_normal_groups_tl(groups[None, :], seed_lo, seed_hi, step, stream), (4 * G,))
+        tl.store(out + tl.arange(0, 4 * G), z)
+
+
+@pytest.mark.parametrize("gbase", [0, 2**30 - 8, 2**32 + 3, 2**38])
+def test_triton_grouped_helper_with_64bit_indices(device, gbase):
+    """The GEMM epilogue's grouped generator: group j holds elements 4j .. 4j+3, also past 2^32."""
+    if not triton_runnable(device):
+        pytest.skip("Triton cannot run here")
+    key = PhiloxKey(0xFEDCBA9876543210, 2**31 + 1, 3)
+    G = 64
+    out = torch.empty(4 * G, dtype=torch.float32, device=device)
+    _group_normals_from_kernel[(1,)](out, gbase, key.seed_lo, key.seed_hi, key.step, key.stream, G=G)
+    idx = torch.arange(4 * gbase, 4 * (gbase + G), dtype=torch.int64)
+    torch.testing.assert_close(out.cpu(), _normals_at(idx, key), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("base", [0, 2**32 - 100, 2**32, 3 * 2**32 + 17, 2**40 - 50])
 def test_triton_helper_with_64bit_element_indices(device, base):
     """The kernels' in-register generator handles element indices past 2^32 (c1 = index >> 32)."""
@@ -151,10 +174,10 @@ def test_high_word_of_element_index_changes_the_draw():
         high = philox4x32_10(c0, torch.full_like(c1, hi), c2, c3, key.seed_lo, key.seed_hi)
         same = (low[0] == high[0]) & (low[1] == high[1])
         assert not bool(same.any())
-    # and through the index itself
-    big = idx + 2**32
-    assert not bool((_normals_at(big, key) == _normals_at(idx, key)).all())
-    assert (_normals_at(big, key) == _normals_at(idx, key)).float().mean() < 1e-3
+    # and through the element index itself: + 2^32 (group + 2^30) and + 2^34 (group's c1 = 1)
+    base = _normals_at(idx, key)
+    for offset in (2**32, 2**34, 2**40):
+        assert (_normals_at(idx + offset, key) == base).float().mean() < 1e-3
 
 
 # ------------------------------------------------------------------ statistics -------------
