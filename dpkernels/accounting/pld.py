@@ -390,12 +390,14 @@ def compose(
     bounds exceed 100 * ``tail``.
     """
     h = parts[0][0].h
+    smin, smax = _support_sum(parts)
+    if window is not None and not (max(window[0], smin) < min(window[1], smax)):
+        window = None  # a guessed window that misses the support: find the real one
     if window is None or lambdas is None:
         t_lo, t_hi, lam_lo, lam_hi, _ = _window(parts, tail)
         window = window or (t_lo, t_hi)
         lambdas = lambdas if lambdas is not None else (lam_lo, lam_hi)
     t_lo, t_hi = window
-    smin, smax = _support_sum(parts)
     for _ in range(6):
         k_lo = math.floor(max(t_lo, smin) / h + 1e-9)
         k_hi = math.ceil(min(t_hi, smax) / h - 1e-9)
@@ -496,56 +498,53 @@ class PLDAccountant(AccountantBase):
         self._cache = {}
 
     # -- discretisation interval and window -------------------------------------------
-    def _plan(self):
-        """A coarse pass (about 1000 lattice points per step and segment) estimates the window
-        of the composed loss for each direction; the lattice spacing h is then chosen so that
-        the wider window spans ``target_points`` points. Returns h and, per direction, the
-        window (widened by 5%), the Chernoff parameters near the ones that gave it, and for
-        each segment the single-step loss range that can still reach the window."""
-        plans = {}
-        width = 0.0
-        for direction in _DIRECTIONS:
-            parts, supports = [], []
-            for seg in self._history:
-                lo, hi = _support(seg.noise_multiplier, seg.sample_rate, direction)
-                supports.append((lo, hi))
-                hc = max((hi - lo) / 1024, 1e-12)
-                parts.append((single_step_pmf(seg.noise_multiplier, seg.sample_rate, hc, direction), seg.steps))
-            t_lo, t_hi, lam_lo, lam_hi, _ = _window(parts, self.tail_bound)
-            margin = 0.05 * (t_hi - t_lo)
-            t_lo, t_hi = t_lo - margin, t_hi + margin
-            width = max(width, t_hi - t_lo)
-            lambdas = [lam_lo, lam_hi]
-            plans[direction] = (t_lo, t_hi, lambdas, supports)
+    def _plan(self, direction: str):
+        """A coarse pass (about 4000 lattice points per step and segment) estimates the window
+        of the composed loss of one direction; the lattice spacing h is then chosen so that
+        the window spans ``target_points`` points (each direction gets its own h). Returns h,
+        the window (widened by 5%), the Chernoff parameters that gave its ends, and for each
+        segment the single-step loss range that can still reach the window."""
+        parts, supports = [], []
+        for seg in self._history:
+            lo, hi = _support(seg.noise_multiplier, seg.sample_rate, direction)
+            supports.append((lo, hi))
+            hc = max((hi - lo) / 4096, 1e-12)
+            parts.append((single_step_pmf(seg.noise_multiplier, seg.sample_rate, hc, direction), seg.steps))
+        t_lo, t_hi, lam_lo, lam_hi, _ = _window(parts, self.tail_bound)
+        margin = 0.05 * (t_hi - t_lo)
+        t_lo, t_hi = t_lo - margin, t_hi + margin
         h = self.value_discretization_interval
         if h is None:
-            h = max(width / self.target_points, 1e-10)
-        out = {}
-        for direction, (t_lo, t_hi, lambdas, supports) in plans.items():
-            total_lo = sum(s.steps * lo for s, (lo, _) in zip(self._history, supports))
-            total_hi = sum(s.steps * hi for s, (_, hi) in zip(self._history, supports))
-            n = self.steps
-            ranges = [
-                (t_lo - (total_hi - hi) - (n + 2) * h, t_hi - (total_lo - lo) + (n + 2) * h)
-                for (lo, hi) in supports
-            ]
-            out[direction] = ((t_lo, t_hi), lambdas, ranges)
-        return h, out
+            h = max((t_hi - t_lo) / self.target_points, 1e-10)
+        total_lo = sum(s.steps * lo for s, (lo, _) in zip(self._history, supports))
+        total_hi = sum(s.steps * hi for s, (_, hi) in zip(self._history, supports))
+        n = self.steps
+        ranges = [
+            (t_lo - (total_hi - hi) - (n + 2) * h, t_hi - (total_lo - lo) + (n + 2) * h) for (lo, hi) in supports
+        ]
+        return h, (t_lo, t_hi), [lam_lo, lam_hi], ranges
 
     def _composed(self, pessimistic: bool = True) -> Dict[str, ComposedPLD]:
         if pessimistic in self._cache:
             return self._cache[pessimistic]
         if not self._history:
             raise ValueError("no steps recorded yet: call step() first")
-        h, plan = self._plan()
         out = {}
         for direction in _DIRECTIONS:
-            window, lambdas, ranges = plan[direction]
+            h, window, lambdas, ranges = self._plan(direction)
             parts = [
                 (single_step_pmf(s.noise_multiplier, s.sample_rate, h, direction, pessimistic, r), s.steps)
                 for s, r in zip(self._history, ranges)
             ]
             c = compose(parts, window, lambdas, self.tail_bound)
+            if c.tail_hi + c.tail_lo > 1e3 * self.tail_bound:
+                # the coarse pass misjudged the window (possible when h is large against the
+                # spread of one step): redo it from the fine PMFs, without cutting their range
+                parts = [
+                    (single_step_pmf(s.noise_multiplier, s.sample_rate, h, direction, pessimistic), s.steps)
+                    for s in self._history
+                ]
+                c = compose(parts, None, None, self.tail_bound)
             c.pessimistic = pessimistic
             out[direction] = c
         self._cache[pessimistic] = out
@@ -596,7 +595,8 @@ class PLDAccountant(AccountantBase):
         rep: Dict[str, object] = {}
         added = 0.0
         for direction, c in comp.items():
-            rep["value_discretization_interval"] = float(c.h)
+            rep["value_discretization_interval"] = max(rep.get("value_discretization_interval", 0.0), float(c.h))
+            rep[f"{direction}_value_discretization_interval"] = float(c.h)
             rep[f"{direction}_window"] = (float(c.offset * c.h), float((c.offset + len(c.mass) - 1) * c.h))
             rep[f"{direction}_points"] = int(len(c.mass))
             rep[f"{direction}_infinity_mass"] = float(c.inf_mass)
