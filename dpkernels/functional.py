@@ -199,7 +199,9 @@ def linear_clipped_grad(
         grad_w = _lcg.linear_clipped_grad_triton(x3, g3, c, noise_std, key, out_dtype)
     grad_b = None
     if bias:
-        bias_key = PhiloxKey(key.seed, key.step, (key.stream + 1) % 2**32)
+        if key.stream == 2**32 - 1:
+            raise ValueError("the bias draws from stream + 1: the weight's stream must be below 2**32 - 1")
+        bias_key = PhiloxKey(key.seed, key.step, key.stream + 1)
         per_example_bias = g3.sum(dim=1, dtype=torch.float32)
         grad_b = clip_sum_noise(per_example_bias, c, noise_std=noise_std, generator=bias_key, backend=backend)
         grad_b = grad_b.to(out_dtype or x3.dtype)

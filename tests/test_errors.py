@@ -363,11 +363,6 @@ def test_weight_sharing_in_one_forward():
         model(torch.randn(4, 6)).sum().backward()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="convert() visits a module registered under two names once (named_children dedups), so the "
-    "second name keeps the nn.Linear; make_private then blames 'no per-example clipping path' instead of sharing",
-)
 def test_weight_sharing_by_registering_one_layer_twice():
     torch.manual_seed(0)
     layer = nn.Linear(6, 6)
@@ -385,11 +380,6 @@ def test_gradient_bypassing_its_dp_layer():
         loss.backward()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DPOptimizer inherits torch.optim.Optimizer.add_param_group unchecked: a parameter without a "
-    "clipping path added after make_private is stepped with its raw, unclipped, un-noised gradient",
-)
 def test_param_group_added_after_make_private_is_refused():
     model, opt = _private(_mlp(), noise_multiplier=0.0)
     extra = nn.Parameter(torch.ones(3))
@@ -400,11 +390,6 @@ def test_param_group_added_after_make_private_is_refused():
     assert torch.equal(extra.detach(), torch.ones(3))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DPOptimizer._key looks the parameter up in self._streams with [] and raises a bare KeyError "
-    "(an id number) for a layer unfrozen after make_private",
-)
 def test_layer_unfrozen_after_make_private_is_named():
     model = _mlp()
     model[0].requires_grad_(False)

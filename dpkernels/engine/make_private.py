@@ -163,6 +163,7 @@ def make_private(
         optimizer,
         modules=dp_modules,
         streams=streams,
+        param_names=param_names,
         collector=collector,
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,

@@ -40,6 +40,7 @@ class DPOptimizer(torch.optim.Optimizer):
         *,
         modules: List[Tuple[str, nn.Module]],
         streams: Dict[int, int],
+        param_names: Dict[int, str],
         collector: StepCollector,
         noise_multiplier: float,
         max_grad_norm: float,
@@ -55,6 +56,7 @@ class DPOptimizer(torch.optim.Optimizer):
         self.original_optimizer = optimizer
         self.dp_modules = modules
         self._streams = streams
+        self._param_names = param_names
         self.collector = collector
         self.noise_multiplier = float(noise_multiplier)
         self.max_grad_norm = float(max_grad_norm)
@@ -119,10 +121,32 @@ class DPOptimizer(torch.optim.Optimizer):
         """Standard deviation of the noise in the update, σ·C/B̄."""
         return self.noise_multiplier * self.max_grad_norm / self.expected_batch_size
 
-    def _key(self, param: torch.Tensor) -> PhiloxKey:
+    def add_param_group(self, param_group: dict) -> None:
+        raise ValueError(
+            "cannot add a parameter group to a DPOptimizer: parameters added after make_private have no "
+            "clipping path; build the optimizer with every parameter, then call make_private"
+        )
+
+    def _check_param_groups(self) -> None:
+        """Refuse to step a parameter that make_private did not give a clipping path."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if id(p) not in self._streams:
+                    raise RuntimeError(
+                        "the optimizer holds a parameter without a clipping path (added to param_groups after "
+                        "make_private); refusing to step it"
+                    )
+
+    def _key(self, param: torch.Tensor, name: str) -> PhiloxKey:
         if self.steps_taken >= 2**32:
             raise OverflowError("more than 2**32 private steps with one seed: the noise counter would wrap")
-        return PhiloxKey(self._seed, self.steps_taken, self._streams[id(param)])
+        stream = self._streams.get(id(param))
+        if stream is None:
+            raise RuntimeError(
+                f"parameter '{name}' was frozen when make_private ran and is trainable now: it has no clipping "
+                "path; unfreeze before make_private"
+            )
+        return PhiloxKey(self._seed, self.steps_taken, stream)
 
     def _trainable(self, module: nn.Module) -> List[Tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
@@ -153,7 +177,7 @@ class DPOptimizer(torch.optim.Optimizer):
             params = self._trainable(module)
             if not params:
                 continue
-            keys = {n: self._key(p) for n, p in params}
+            keys = {n: self._key(p, self._qualified(module, n)) for n, p in params}
             record = self.collector.records.get(self._name_of(module))
             if record is not None:
                 grads = module.dp_clipped_grads(record.payload, factors, self.noise_std, keys, self.backend)
@@ -164,6 +188,10 @@ class DPOptimizer(torch.optim.Optimizer):
 
     def _name_of(self, module: nn.Module) -> str:
         return self.collector.for_module(module).name
+
+    def _qualified(self, module: nn.Module, param_name: str) -> str:
+        prefix = self._name_of(module)
+        return f"{prefix}.{param_name}" if prefix else param_name
 
     def _noise_like(self, p: torch.Tensor, key: PhiloxKey) -> torch.Tensor:
         return functional.gaussian_noise(
@@ -182,6 +210,7 @@ class DPOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_param_groups()
         self.write_private_grads()
         self.original_optimizer.step()
         self._finish_step()
@@ -192,8 +221,9 @@ class DPOptimizer(torch.optim.Optimizer):
         """The step of an empty Poisson batch: every parameter's gradient is its noise alone."""
         if self.collector.records:
             raise RuntimeError("noise_only_step() called after a backward pass: call step() instead")
+        self._check_param_groups()
         for _, module in self.dp_modules:
-            for _, p in self._trainable(module):
-                p.grad = self._noise_like(p, self._key(p))
+            for n, p in self._trainable(module):
+                p.grad = self._noise_like(p, self._key(p, self._qualified(module, n)))
         self.original_optimizer.step()
         self._finish_step()

@@ -24,12 +24,28 @@ def register_converter(layer_type: Type[nn.Module], build: Callable[[nn.Module],
 
 
 def convert(model: nn.Module) -> nn.Module:
-    """Swap every registered layer of ``model`` (the model itself included) for its DP version."""
-    build = _CONVERTERS.get(type(model))
+    """Swap every registered layer of ``model`` (the model itself included) for its DP version.
+
+    A layer registered under several names becomes one DP layer registered under all of them,
+    so sharing stays visible (and is refused at backward, as per-example clipping requires).
+    """
+    return _convert(model, {})
+
+
+def _convert(module: nn.Module, done: Dict[int, nn.Module]) -> nn.Module:
+    if id(module) in done:
+        return done[id(module)]
+    build = _CONVERTERS.get(type(module))
     if build is not None:
-        return build(model)
-    for name, child in list(model.named_children()):
-        new_child = convert(child)
-        if new_child is not child:
-            setattr(model, name, new_child)
-    return model
+        new = build(module)
+    else:
+        new = module
+        # _modules, not named_children(): the latter skips a module's second name
+        for name, child in list(module._modules.items()):
+            if child is None:
+                continue
+            new_child = _convert(child, done)
+            if new_child is not child:
+                setattr(module, name, new_child)
+    done[id(module)] = new
+    return new
