@@ -1,0 +1,54 @@
+"""The README's main job and the benchmark suite run end to end (small settings, CPU).
+
+Keeps the README's first command and `bash bench/run_all.sh` from rotting: the demo must train
+and report, and every benchmark script must run its smoke mode with the dpkernels step agreeing
+with the per-example reference loop.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    return env
+
+
+def test_demo_trains_privately_and_reports():
+    pytest.importorskip("sklearn")
+    proc = subprocess.run(
+        [sys.executable, "-m", "dpkernels.demo", "--epochs", "2", "--batch-size", "256"],
+        capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = {line.split()[0]: line.split() for line in proc.stdout.splitlines() if line.strip()}
+    private = lines["dpkernels"]
+    accuracy, epsilon = float(private[1]), float(private[2])
+    assert 0.0 <= accuracy <= 1.0
+    assert epsilon == pytest.approx(3.0, rel=0.02)  # the calibrated target, as the accountant reports it
+    assert float(lines["non-private"][1]) > 0.5
+
+
+def test_benchmark_smoke_runs_every_script(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--out-dir", str(tmp_path)],
+        capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=1200,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    names = {p.name.split("-")[0] for p in tmp_path.glob("*.json")}
+    assert {"linear_ops", "step", "floor"} <= names
+    step = json.loads(next(tmp_path.glob("step-*.json")).read_text())
+    for workload in step["results"]:
+        modes = {m["mode"]: m for m in workload["modes"]}
+        for name in ("non_private", "naive", "dpkernels"):
+            assert modes[name]["status"] == "ok", (workload["describe"], modes[name])
+        assert modes["dpkernels"]["grad_rel_err_vs_loop"] < 1e-4, workload["describe"]
