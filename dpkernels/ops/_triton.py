@@ -119,6 +119,18 @@ def configs(*specs: tuple) -> list:
     return [triton.Config(meta, num_warps=w, num_stages=s) for meta, w, s in specs]
 
 
+# (BLOCK_rows, BLOCK_cols, BLOCK_reduction, num_warps, num_stages) of the GEMM-shaped kernels
+_GEMM_TILES = (
+    (64, 64, 32, 4, 3), (64, 64, 64, 4, 4), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3),
+    (128, 64, 64, 8, 4), (64, 128, 64, 8, 4), (128, 128, 32, 8, 3), (128, 128, 64, 8, 3),
+)
+
+
+def gemm_tile_configs(rows: str, cols: str, reduction: str) -> list:
+    """Autotuning candidates for a kernel with an output tile (rows × cols) reduced over ``reduction``."""
+    return configs(*[({rows: r, cols: c, reduction: k}, w, s) for r, c, k, w, s in _GEMM_TILES])
+
+
 def dot_flags(dtype) -> dict:
     """The IEEE / UPCAST constexpr flags of ``dot_acc`` for operands of ``dtype``."""
     import torch

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from ._triton import (
-    HAS_TRITON, configs, dot_acc, dot_flags, philox_normal_groups_tl, philox_normal_tl, tl, triton, use_autotune,
+    HAS_TRITON, gemm_tile_configs, dot_acc, dot_flags, philox_normal_groups_tl, philox_normal_tl, tl, triton, use_autotune,
 )
 from .philox import PhiloxKey, philox_normal
 
@@ -87,16 +87,7 @@ if HAS_TRITON:
 
     # GPU: tiles autotuned per shape; every config writes the whole output, so tuning is safe
     _clipped_grad_tuned = triton.autotune(
-        configs=configs(
-            ({"BLOCK_P": 64, "BLOCK_D": 64, "BLOCK_K": 32}, 4, 3),
-            ({"BLOCK_P": 64, "BLOCK_D": 64, "BLOCK_K": 64}, 4, 4),
-            ({"BLOCK_P": 128, "BLOCK_D": 64, "BLOCK_K": 32}, 4, 3),
-            ({"BLOCK_P": 64, "BLOCK_D": 128, "BLOCK_K": 32}, 4, 3),
-            ({"BLOCK_P": 128, "BLOCK_D": 64, "BLOCK_K": 64}, 8, 4),
-            ({"BLOCK_P": 64, "BLOCK_D": 128, "BLOCK_K": 64}, 8, 4),
-            ({"BLOCK_P": 128, "BLOCK_D": 128, "BLOCK_K": 32}, 8, 3),
-            ({"BLOCK_P": 128, "BLOCK_D": 128, "BLOCK_K": 64}, 8, 3),
-        ),
+        configs=gemm_tile_configs("BLOCK_P", "BLOCK_D", "BLOCK_K"),
         key=["K", "d", "p"],
     )(_clipped_grad_kernel)
 

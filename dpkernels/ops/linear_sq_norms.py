@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import HAS_TRITON, configs, dot_acc, dot_flags, tl, triton, use_autotune
+from ._triton import HAS_TRITON, configs, dot_acc, gemm_tile_configs, dot_flags, tl, triton, use_autotune
 
 GHOST_EFFICIENCY = 1.0
 METHODS = ("auto", "ghost", "direct")
@@ -203,16 +203,7 @@ if HAS_TRITON:
         key=["T", "d", "p"],
     )(_ghost_kernel)
     _direct_tuned = triton.autotune(
-        configs=configs(
-            ({"BLOCK_P": 64, "BLOCK_D": 64, "BLOCK_T": 32}, 4, 3),
-            ({"BLOCK_P": 64, "BLOCK_D": 64, "BLOCK_T": 64}, 4, 4),
-            ({"BLOCK_P": 128, "BLOCK_D": 64, "BLOCK_T": 32}, 4, 3),
-            ({"BLOCK_P": 64, "BLOCK_D": 128, "BLOCK_T": 32}, 4, 3),
-            ({"BLOCK_P": 128, "BLOCK_D": 64, "BLOCK_T": 64}, 8, 4),
-            ({"BLOCK_P": 64, "BLOCK_D": 128, "BLOCK_T": 64}, 8, 4),
-            ({"BLOCK_P": 128, "BLOCK_D": 128, "BLOCK_T": 32}, 8, 3),
-            ({"BLOCK_P": 128, "BLOCK_D": 128, "BLOCK_T": 64}, 8, 3),
-        ),
+        configs=gemm_tile_configs("BLOCK_P", "BLOCK_D", "BLOCK_T"),
         key=["T", "d", "p"],
     )(_direct_kernel)
 
