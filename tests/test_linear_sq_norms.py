@@ -109,8 +109,9 @@ def test_does_not_modify_inputs(device, backend):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", [(4, 300, 512, 384), (3, 130, 96, 200), (2, 257, 33, 1000)])
-def test_autotuned_kernels_on_gpu(shape, dtype):
+def test_autotuned_kernels_on_gpu(shape, dtype, monkeypatch):
     """GPU only: the autotuned tilings (the first call of a shape tunes, later calls reuse) agree with the oracle."""
+    monkeypatch.setenv("DPKERNELS_AUTOTUNE", "1")
     B, T, d, p = shape
     gen = torch.Generator().manual_seed(B * T)
     x = (torch.randn(B, T, d, generator=gen) / d**0.5).to("cuda", dtype)

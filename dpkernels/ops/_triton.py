@@ -110,8 +110,9 @@ if HAS_TRITON:
 
 
 def use_autotune() -> bool:
-    """Autotune block sizes on a GPU; under the interpreter, use the fixed small blocks."""
-    return HAS_TRITON and not interpret_mode()
+    """Autotune block sizes on a GPU; under the interpreter, or with DPKERNELS_AUTOTUNE=0, use the
+    fixed small blocks (one compile per kernel variant: what a GPU test run wants)."""
+    return HAS_TRITON and not interpret_mode() and os.environ.get("DPKERNELS_AUTOTUNE", "1") != "0"
 
 
 def configs(*specs: tuple) -> list:
