@@ -1,6 +1,6 @@
 """The main job: DP-SGD on scikit-learn's bundled digits data (no download), end to end.
 
-    python -m dpkernels.demo [--epsilon 3] [--epochs 40] [--device cpu|cuda]
+    python -m dpkernels.demo [--epsilon 3] [--epochs 20] [--device cpu|cuda]
 
 Trains the same MLP twice — non-private and with dpkernels (flat clipping, Poisson sampling,
 noise calibrated by the PLD accountant to the target ε at δ = 1e-5) — and prints test accuracy,
@@ -103,10 +103,10 @@ def main(argv: List[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epsilon", type=float, default=3.0, help="target ε (δ below)")
     parser.add_argument("--delta", type=float, default=1e-5)
-    parser.add_argument("--epochs", type=float, default=40.0)
+    parser.add_argument("--epochs", type=float, default=20.0)
     parser.add_argument("--batch-size", type=int, default=128, help="expected (Poisson) batch size")
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
-    parser.add_argument("--lr", type=float, default=0.2)
+    parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
