@@ -181,6 +181,7 @@ class DPOptimizer(torch.optim.Optimizer):
             record = self.collector.records.get(self._name_of(module))
             if record is not None:
                 grads = module.dp_clipped_grads(record.payload, factors, self.noise_std, keys, self.backend)
+                record.payload = None  # free this layer's (x, G) before the next layer's gradient exists
             else:  # the layer took no part in this forward: its per-example gradients are zero
                 grads = {n: self._noise_like(p, keys[n]) for n, p in params}
             for n, p in params:
@@ -198,6 +199,12 @@ class DPOptimizer(torch.optim.Optimizer):
             p.shape, std=self.noise_std, generator=key, device=p.device, dtype=p.dtype, backend=self.backend
         )
 
+    def _discard(self) -> None:
+        self.collector.clear()
+        for _, module in self.dp_modules:
+            for _, p in self._trainable(module):
+                p.grad = None
+
     def _finish_step(self) -> None:
         self.collector.clear()
         self.steps_taken += 1
@@ -211,7 +218,11 @@ class DPOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_param_groups()
-        self.write_private_grads()
+        try:
+            self.write_private_grads()
+        except BaseException:
+            self._discard()  # no half-written gradients, no half-consumed records survive a failed step
+            raise
         self.original_optimizer.step()
         self._finish_step()
         return loss
