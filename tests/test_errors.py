@@ -410,6 +410,10 @@ def test_nan_input_names_the_layer():
     with pytest.raises(FloatingPointError, match=r"non-finite per-example gradient norm in DP layer '\d'.*examples \[2\]"):
         opt.step()
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))  # no update was made
+    # the failed step left nothing behind: no gradients, and no records a retry could reuse
+    assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(RuntimeError, match="without a backward pass"):
+        opt.step()
 
 
 def test_empty_batch_in_the_model():
