@@ -108,7 +108,7 @@ torch::Tensor philox_normal(int64_t n, int64_t seed_lo, int64_t seed_hi, int64_t
   return out;
 }
 
-// The raw Philox4x32-10 words for elements offset + j, j < n, as an int32 (n, 4) tensor holding
+// The raw Philox4x32-10 words at raw counters offset + j, j < n, as an int32 (n, 4) tensor holding
 // the uint32 bit patterns (mask with 0xFFFFFFFF after widening to int64 to read them unsigned).
 torch::Tensor philox4x32(int64_t n, int64_t seed_lo, int64_t seed_hi, int64_t step, int64_t stream,
                          c10::Device device, int64_t offset) {
@@ -142,7 +142,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("n"), py::arg("seed_lo"), py::arg("seed_hi"), py::arg("step"), py::arg("stream"),
         py::arg("device"), py::arg("offset") = 0);
   m.def("philox4x32", &philox4x32,
-        "int32 (n, 4): the Philox-4x32-10 output words (uint32 bits) for elements offset .. "
+        "int32 (n, 4): the Philox-4x32-10 output words (uint32 bits) at raw counters offset .. "
         "offset + n - 1 of the counter block (seed_lo, seed_hi, step, stream).",
         py::arg("n"), py::arg("seed_lo"), py::arg("seed_hi"), py::arg("step"), py::arg("stream"),
         py::arg("device"), py::arg("offset") = 0);

@@ -22,11 +22,13 @@ RuntimeError with the reason), ``attempted() -> bool``, ``csrc_dir() -> Path``, 
 
 ``clip_sum_noise(per_example, clip_factors, noise_std, key) -> Tensor``
     ``sum_i clip_factors[i] * per_example[i] + noise_std * N(0, I)`` with the Philox noise of
-    ``dpkernels.ops.philox`` (element j of the flattened parameter draws counter (j, step, stream)).
+    ``dpkernels.ops.philox`` (element j of the flattened parameter is slot j & 3 of counter
+    (j >> 2, step, stream)).
 ``philox_normal(numel, key, device="cuda", offset=0) -> Tensor``
     float32 standard normals for elements ``offset .. offset + numel - 1`` of ``key``'s block.
 ``philox4x32(numel, key, device="cuda", offset=0) -> Tensor``
-    int64 ``(numel, 4)``: the four Philox-4x32-10 output words (as unsigned 32-bit values).
+    int64 ``(numel, 4)``: the four Philox-4x32-10 output words (as unsigned 32-bit values) of the raw
+    counters ``offset + j`` (the cipher alone, for tests; not element indices).
 """
 from __future__ import annotations
 
@@ -301,7 +303,7 @@ def philox4x32(
     device: Union[torch.device, str] = "cuda",
     offset: int = 0,
 ) -> torch.Tensor:
-    """int64 ``(numel, 4)``: the Philox-4x32-10 words (x0, x1, x2, x3) for elements ``offset + j``."""
+    """int64 ``(numel, 4)``: the Philox-4x32-10 words (x0, x1, x2, x3) at raw counters ``offset + j``."""
     mod = load()
     seed_lo, seed_hi, step, stream = _split_key(key)
     raw = mod.philox4x32(int(numel), seed_lo, seed_hi, step, stream, torch.device(device), _offset_bits(offset))
