@@ -26,7 +26,7 @@ def _env() -> dict:
 def test_demo_trains_privately_and_reports():
     pytest.importorskip("sklearn")
     proc = subprocess.run(
-        [sys.executable, "-m", "dpkernels.demo", "--epochs", "2", "--batch-size", "256"],
+        [sys.executable, "-m", "dpkernels.demo", "--epochs", "2", "--batch-size", "256", "--lr", "0.2"],
         capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
