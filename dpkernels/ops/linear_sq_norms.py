@@ -107,6 +107,23 @@ if HAS_TRITON:
         tl.store(out_ptr + b, res)
 
     @triton.jit
+    def _gram_tile(base, rt, rs, mask_t, mask_s, n_cols, s_row, s_col,
+                   IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+        """(A A^T) restricted to rows rt × rows rs, for one example's matrix A at ``base``: float32."""
+        offs_k = tl.arange(0, BLOCK_K)
+        gram = tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32)
+        for k in range(0, n_cols, BLOCK_K):
+            cols = k + offs_k
+            cmask = cols < n_cols
+            c64 = cols.to(tl.int64)
+            a = tl.load(base + rt[:, None] * s_row + c64[None, :] * s_col,
+                        mask=mask_t[:, None] & cmask[None, :], other=0.0)
+            a2 = tl.load(base + rs[:, None] * s_row + c64[None, :] * s_col,
+                         mask=mask_s[:, None] & cmask[None, :], other=0.0)
+            gram = dot_acc(gram, a, tl.trans(a2), IEEE, UPCAST)
+        return gram
+
+    @triton.jit
     def _ghost_kernel(
         x_ptr, g_ptr, pairs_ptr, out_w_ptr, out_b_ptr,
         T, d, p, n_pairs,
@@ -124,29 +141,11 @@ if HAS_TRITON:
         mask_s = rows_s < T
         rt = rows_t.to(tl.int64)
         rs = rows_s.to(tl.int64)
-        offs_k = tl.arange(0, BLOCK_K)
 
-        gram_x = tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32)
-        for k in range(0, d, BLOCK_K):
-            cols = (k + offs_k)
-            cmask = cols < d
-            c64 = cols.to(tl.int64)
-            xa = tl.load(x_ptr + b * sxb + rt[:, None] * sxt + c64[None, :] * sxd,
-                         mask=mask_t[:, None] & cmask[None, :], other=0.0)
-            xb = tl.load(x_ptr + b * sxb + rs[:, None] * sxt + c64[None, :] * sxd,
-                         mask=mask_s[:, None] & cmask[None, :], other=0.0)
-            gram_x = dot_acc(gram_x, xa, tl.trans(xb), IEEE, UPCAST)
-
-        gram_g = tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32)
-        for k in range(0, p, BLOCK_K):
-            cols = (k + offs_k)
-            cmask = cols < p
-            c64 = cols.to(tl.int64)
-            ga = tl.load(g_ptr + b * sgb + rt[:, None] * sgt + c64[None, :] * sgp,
-                         mask=mask_t[:, None] & cmask[None, :], other=0.0)
-            gb = tl.load(g_ptr + b * sgb + rs[:, None] * sgt + c64[None, :] * sgp,
-                         mask=mask_s[:, None] & cmask[None, :], other=0.0)
-            gram_g = dot_acc(gram_g, ga, tl.trans(gb), IEEE, UPCAST)
+        gram_x = _gram_tile(x_ptr + b * sxb, rt, rs, mask_t, mask_s, d, sxt, sxd,
+                            IEEE, UPCAST, BLOCK_T, BLOCK_K)
+        gram_g = _gram_tile(g_ptr + b * sgb, rt, rs, mask_t, mask_s, p, sgt, sgp,
+                            IEEE, UPCAST, BLOCK_T, BLOCK_K)
 
         weight = tl.where(ti == si, 1.0, 2.0)
         out_off = b * n_pairs + pair
