@@ -28,6 +28,11 @@ class DPModule:
         """Whether this forward call must go through the per-example path."""
         return self._dp_collector is not None and torch.is_grad_enabled()
 
+    def dp_sq_norms(self, *norm_inputs: torch.Tensor, method: str, backend: Optional[str]) -> torch.Tensor:
+        """float32 (B,): Σ over this module's trainable parameters of ‖per-example gradient‖²,
+        from the tensors its autograd function hands to ``ModuleCollector.record``."""
+        raise NotImplementedError
+
     def dp_clipped_grads(
         self,
         payload: Any,
