@@ -442,3 +442,15 @@ def test_unbatched_input_under_private_training():
     model, opt = _private(_mlp())
     with pytest.raises(ValueError, match="needs batched input"):
         model(torch.randn(7))
+
+
+def test_accountant_with_zero_noise_is_refused_up_front():
+    class Acc:
+        def step(self, **kw):
+            raise AssertionError("never reached")
+
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="no privacy"):
+        dpkernels.make_private(model, opt, noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=4,
+                               accountant=Acc(), sample_rate=0.1)

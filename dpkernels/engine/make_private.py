@@ -133,6 +133,8 @@ def make_private(
         raise ValueError(f"norm_method must be one of {METHODS}, got {norm_method!r}")
     if accountant is not None and not (sample_rate is not None and 0 < sample_rate <= 1):
         raise ValueError("an accountant needs sample_rate in (0, 1] (the Poisson sampling probability)")
+    if accountant is not None and noise_multiplier == 0:
+        raise ValueError("noise_multiplier = 0 gives no privacy: there is nothing for an accountant to account")
     if seed is None:
         seed = secrets.randbits(64)
     elif not (isinstance(seed, int) and 0 <= seed < 2**64):
