@@ -205,11 +205,14 @@ class DPOptimizer(torch.optim.Optimizer):
             for _, p in self._trainable(module):
                 p.grad = None
 
+    def _account(self) -> None:
+        """Record the release before it happens: a failure after this over-counts, never under-counts."""
+        if self.accountant is not None:
+            self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate, steps=1)
+
     def _finish_step(self) -> None:
         self.collector.clear()
         self.steps_taken += 1
-        if self.accountant is not None:
-            self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate, steps=1)
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
@@ -223,6 +226,7 @@ class DPOptimizer(torch.optim.Optimizer):
         except BaseException:
             self._discard()  # no half-written gradients, no half-consumed records survive a failed step
             raise
+        self._account()
         self.original_optimizer.step()
         self._finish_step()
         return loss
@@ -236,5 +240,6 @@ class DPOptimizer(torch.optim.Optimizer):
         for _, module in self.dp_modules:
             for n, p in self._trainable(module):
                 p.grad = self._noise_like(p, self._key(p, self._qualified(module, n)))
+        self._account()
         self.original_optimizer.step()
         self._finish_step()
