@@ -52,3 +52,11 @@ def test_benchmark_smoke_runs_every_script(tmp_path):
         for name in ("non_private", "naive", "dpkernels"):
             assert modes[name]["status"] == "ok", (workload["describe"], modes[name])
         assert modes["dpkernels"]["grad_rel_err_vs_loop"] < 1e-4, workload["describe"]
+
+
+def test_readme_quick_example_runs_as_written():
+    readme = (ROOT / "README.md").read_text()
+    code = readme.split("## Quick example", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(compile(code, "README.md (quick example)", "exec"), namespace)
+    assert 0 < namespace["accountant"].epsilon(delta=1e-5) < 10
