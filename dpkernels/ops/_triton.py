@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 try:
     import triton
     import triton.language as tl
@@ -132,17 +134,13 @@ def gemm_tile_configs(rows: str, cols: str, reduction: str) -> list:
     return configs(*[({rows: r, cols: c, reduction: k}, w, s) for r, c, k, w, s in _GEMM_TILES])
 
 
-def dot_flags(dtype) -> dict:
+def dot_flags(dtype: torch.dtype) -> dict:
     """The IEEE / UPCAST constexpr flags of ``dot_acc`` for operands of ``dtype``."""
-    import torch
-
     return {"IEEE": dtype == torch.float32, "UPCAST": interpret_mode() and dtype != torch.float32}
 
 
-def philox_normal_triton(numel: int, key, device) -> "torch.Tensor":  # noqa: F821
-    """The Triton generator alone (for tests): same values as ops.philox.philox_normal."""
-    import torch
-
+def philox_normal_triton(numel: int, key, device) -> torch.Tensor:
+    """The Triton generator alone (noise without a sum): same values as ops.philox.philox_normal."""
     out = torch.empty(numel, dtype=torch.float32, device=device)
     block = 1024
     _philox_normal_kernel[(triton.cdiv(numel, block),)](
