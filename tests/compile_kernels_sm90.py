@@ -78,7 +78,7 @@ def main() -> int:
                 compile_one(label, fn, ptrs, consts, warps, stages)
             except Exception as e:  # report every failure, not just the first
                 failures += 1
-                print(f"FAILED {label}: {type(e).__name__}: {str(e)[:2000]}")
+                print(f"FAILED {label}: {type(e).__name__}: {str(e)[:2000]}"); import traceback; traceback.print_exc() if os.environ.get("DPK_TRACE") else None
     return 1 if failures else 0
 
 

@@ -121,3 +121,16 @@ def test_autotuned_kernels_on_gpu(shape, dtype, monkeypatch):
         for _ in range(2):  # tuning call, then a cached-config call
             out = functional.linear_sq_norms(x, g, method=method, backend="triton")
             torch.testing.assert_close(out.double().cpu(), ref.cpu(), rtol=2e-3, atol=0.0)
+
+
+@pytest.mark.parametrize("d", [32, 63, 64, 128])
+@pytest.mark.parametrize("method", ["ghost", "direct"])
+def test_bias_column_on_a_tile_boundary(device, backend, d, method):
+    """The direct kernel reads x as [x, 1]: with d a multiple of the tile width the bias column
+    opens a tile of its own, which must be counted once and only once."""
+    gen = torch.Generator().manual_seed(d)
+    x = torch.randn(2, 19, d, generator=gen).to(device)
+    g = torch.randn(2, 19, 40, generator=gen).to(device)
+    ref = linear_sq_norms_oracle(x, g, True)
+    out = functional.linear_sq_norms(x, g, bias=True, method=method, backend=backend)
+    torch.testing.assert_close(out.double().cpu(), ref.double().cpu(), rtol=1e-5, atol=1e-6)

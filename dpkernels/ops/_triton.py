@@ -32,11 +32,13 @@ if HAS_TRITON:
         """Philox-4x32-10 of counters (group lo, group hi, step, stream); group: int64 tensor."""
         c0 = (group & 0xFFFFFFFF).to(tl.uint32)
         c1 = ((group >> 32) & 0xFFFFFFFF).to(tl.uint32)
-        # to_tensor: scalar arguments may arrive as constexpr (Triton specialises some ints)
-        c2 = tl.zeros_like(c0) + tl.to_tensor(step).to(tl.uint32)
-        c3 = tl.zeros_like(c0) + tl.to_tensor(stream).to(tl.uint32)
-        k0 = tl.to_tensor(seed_lo).to(tl.uint32)
-        k1 = tl.to_tensor(seed_hi).to(tl.uint32)
+        # broadcast first, then convert: a scalar argument may be an int32/int64 tensor or, where
+        # Triton specialised it, a constexpr (and tl.to_tensor is missing from older Triton)
+        zero = tl.zeros_like(c0)
+        c2 = (zero + step).to(tl.uint32)
+        c3 = (zero + stream).to(tl.uint32)
+        k0 = (zero + seed_lo).to(tl.uint32)
+        k1 = (zero + seed_hi).to(tl.uint32)
         m0 = tl.full(c0.shape, 0xD2511F53, tl.uint32)
         m1 = tl.full(c0.shape, 0xCD9E8D57, tl.uint32)
         for _ in tl.static_range(10):

@@ -15,8 +15,9 @@ ghost   ‖G_iᵀ x_i‖²_F = Σ_{t,s} (x_i x_iᵀ)_{ts} (G_i G_iᵀ)_{ts}
         The bias term is the sum of all entries of G_i G_iᵀ, taken from the same tiles.
         Cost ≈ B·T²·(d + p) multiply-adds.
 direct  per example, accumulate each (p, d) tile of G_iᵀ x_i over T in registers, square,
-        reduce. The per-example gradient is never written to memory. The bias term is the
-        column sum of G_i over T, accumulated by the tiles of the first d-block.
+        reduce. The per-example gradient is never written to memory. With a bias, x_i is
+        read as [x_i, 1], so the extra column of G_iᵀ [x_i, 1] is the bias gradient Σ_t G_it
+        and the same squares-and-sum gives weight and bias together.
         Cost ≈ B·T·d·p multiply-adds (one weight-gradient GEMM).
 rowwise T = 1: G_iᵀ x_i is an outer product, so n_i = ‖x_i‖²·‖G_i‖² (+ ‖G_i‖²). Memory-bound.
 
@@ -155,12 +156,15 @@ if HAS_TRITON:
 
     @triton.jit
     def _direct_kernel(
-        x_ptr, g_ptr, out_w_ptr, out_b_ptr,
+        x_ptr, g_ptr, out_ptr,
         T, d, p, out_row,
         sxb, sxt, sxd, sgb, sgt, sgp,
         HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
         BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
     ):
+        # With a bias, x is read as [x, 1] (d + 1 columns): G_iᵀ [x_i, 1] = [∇W, ∇b] of example i,
+        # so the squares of one accumulator hold both norms and no reduction runs inside the loop
+        # (an in-loop column sum also trips Triton 3.6's thread-locality pass in float32).
         b = tl.program_id(0).to(tl.int64)
         tp = tl.program_id(1)
         td = tl.program_id(2)
@@ -168,12 +172,12 @@ if HAS_TRITON:
         cols_d = td * BLOCK_D + tl.arange(0, BLOCK_D)
         mask_p = rows_p < p
         mask_d = cols_d < d
+        bias_col = cols_d == d
         rp = rows_p.to(tl.int64)
         cd = cols_d.to(tl.int64)
         offs_t = tl.arange(0, BLOCK_T)
 
         acc = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
-        col_sum = tl.zeros((BLOCK_P,), dtype=tl.float32)
         for t0 in range(0, T, BLOCK_T):
             ts = t0 + offs_t
             tmask = ts < T
@@ -183,17 +187,14 @@ if HAS_TRITON:
                          mask=mask_p[:, None] & tmask[None, :], other=0.0)
             xt = tl.load(x_ptr + b * sxb + t64[:, None] * sxt + cd[None, :] * sxd,
                          mask=tmask[:, None] & mask_d[None, :], other=0.0)
-            acc = dot_acc(acc, gt, xt, IEEE, UPCAST)
             if HAS_BIAS:
-                col_sum += tl.sum(gt.to(tl.float32), axis=1)
+                ones = tl.full((BLOCK_T, BLOCK_D), 1.0, tl.float32).to(x_ptr.dtype.element_ty)
+                xt = tl.where(tmask[:, None] & bias_col[None, :], ones, xt)
+            acc = dot_acc(acc, gt, xt, IEEE, UPCAST)
 
         # slot of this (p, d) tile in the example's row of partial sums (rows are out_row long)
-        out_off = b * out_row + tp * tl.cdiv(d, BLOCK_D) + td
-        tl.store(out_w_ptr + out_off, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
-        if HAS_BIAS:
-            # only the first d-tile reports the bias term, so it is counted once
-            bias_sq = tl.where(td == 0, tl.sum(col_sum * col_sum, axis=0), 0.0)
-            tl.store(out_b_ptr + out_off, bias_sq)
+        n_tiles_d = tl.cdiv(d + 1, BLOCK_D) if HAS_BIAS else tl.cdiv(d, BLOCK_D)
+        tl.store(out_ptr + b * out_row + tp * n_tiles_d + td, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
 
 
     # GPU: block sizes autotuned per shape (the interpreter uses the fixed ones below)
@@ -226,7 +227,6 @@ def linear_sq_norms_triton(x: torch.Tensor, g: torch.Tensor, bias: bool, method:
     p = g.shape[2]
     if method == "auto":
         method = choose_method(T, d, p)
-    out_w = None
     if method == "rowwise":
         if T != 1:
             raise ValueError("the rowwise method needs T = 1")
@@ -252,36 +252,32 @@ def linear_sq_norms_triton(x: torch.Tensor, g: torch.Tensor, bias: bool, method:
             _ghost_tuned[(B, n_pairs)](*args, **flags)
         else:
             _ghost_kernel[(B, n_pairs)](*args, **flags, BLOCK_K=64)
-    elif method == "direct":
+        return out_w.sum(dim=1) + out_b.sum(dim=1) if bias else out_w.sum(dim=1)
+    if method == "direct":
+        d_cols = d + 1 if bias else d  # the bias is a column of ones appended to x
         # one slot per (p, d) tile of the smallest tiling; unused slots stay zero
-        out_row = triton.cdiv(p, 32 if p <= 32 else 64) * triton.cdiv(d, 32 if d <= 32 else 64)
-        out_w = torch.zeros((B, out_row), dtype=torch.float32, device=x.device)
-        out_b = torch.zeros((B, out_row), dtype=torch.float32, device=x.device) if bias else out_w
+        out_row = triton.cdiv(p, 32 if p <= 32 else 64) * triton.cdiv(d_cols, 32 if d_cols <= 32 else 64)
+        out = torch.zeros((B, out_row), dtype=torch.float32, device=x.device)
         args = (
-            x, g, out_w, out_b, T, d, p, out_row,
+            x, g, out, T, d, p, out_row,
             x.stride(0), x.stride(1), x.stride(2), g.stride(0), g.stride(1), g.stride(2),
         )
         flags = dict(HAS_BIAS=bias, **dot_flags(x.dtype))
         if use_autotune():
             def grid(meta):
-                return (B, triton.cdiv(p, meta["BLOCK_P"]), triton.cdiv(d, meta["BLOCK_D"]))
+                return (B, triton.cdiv(p, meta["BLOCK_P"]), triton.cdiv(d_cols, meta["BLOCK_D"]))
 
             tuned_before = len(_direct_tuned.cache)
             _direct_tuned[grid](*args, **flags)
             if len(_direct_tuned.cache) != tuned_before:
                 # this call tuned: configs with other tilings left partial sums in other slots
-                out_w.zero_()
-                out_b.zero_()
+                out.zero_()
                 _direct_tuned[grid](*args, **flags)
         else:
             block_p = 64 if p > 32 else 32
-            block_d = 64 if d > 32 else 32
+            block_d = 64 if d_cols > 32 else 32
             block_t = 32 if T > 16 else 16
-            grid = (B, triton.cdiv(p, block_p), triton.cdiv(d, block_d))
+            grid = (B, triton.cdiv(p, block_p), triton.cdiv(d_cols, block_d))
             _direct_kernel[grid](*args, **flags, BLOCK_P=block_p, BLOCK_D=block_d, BLOCK_T=block_t)
-    else:
-        raise ValueError(f"unknown method {method!r}")
-    norms = out_w.sum(dim=1)
-    if bias:
-        norms = norms + out_b.sum(dim=1)
-    return norms
+        return out.sum(dim=1)
+    raise ValueError(f"unknown method {method!r}")
