@@ -120,7 +120,7 @@ def main(argv: List[str] | None = None) -> None:
         target_epsilon=args.epsilon, delta=args.delta, sample_rate=q, steps=steps, accountant="pld"
     )
     print(f"dpkernels {dpkernels.__version__} | device {device} | backends "
-          + ", ".join(k for k, v in dpkernels.backends().items() if v["available"]))
+          + ", ".join(k for k, v in dpkernels.backends(load_cuda=False).items() if v["available"]))
     print(f"digits: {n} train / {len(data[2])} test examples, MLP 64-256-256-10")
     print(f"DP-SGD: sample rate q={q:.4f} (expected batch {args.batch_size}), {steps} steps, "
           f"clip C={args.max_grad_norm}, noise multiplier σ={sigma:.3f} (calibrated for ε={args.epsilon}, δ={args.delta})")

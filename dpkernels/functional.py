@@ -38,8 +38,12 @@ Generator = Union[PhiloxKey, torch.Generator, None]
 # ------------------------------------------------------------------ backend choice --------
 
 
-def backends() -> dict:
-    """Which backends can run here, and why not where they cannot."""
+def backends(load_cuda: bool = True) -> dict:
+    """Which backends can run here, and why not where they cannot.
+
+    ``load_cuda=False`` does not load the CUDA extension if nothing has yet (on a GPU machine
+    without a prebuilt one, loading JIT-compiles csrc/, about a minute): its entry then says so.
+    """
     triton_ok = HAS_TRITON and (torch.cuda.is_available() or interpret_mode())
     if not HAS_TRITON:
         triton_why = "triton is not installed"
@@ -47,11 +51,14 @@ def backends() -> dict:
         triton_why = "no CUDA GPU (set TRITON_INTERPRET=1 to run the Triton kernels on the CPU)"
     else:
         triton_why = None
-    cuda_ok = _cuda.available()
+    if not load_cuda and not _cuda.attempted():
+        cuda = {"available": None, "reason": "not loaded yet (backends(load_cuda=True) loads or JIT-compiles it)"}
+    else:
+        cuda = {"available": _cuda.available(), "reason": _cuda.why_unavailable()}
     return {
         "torch": {"available": True, "reason": None},
         "triton": {"available": triton_ok, "reason": triton_why},
-        "cuda": {"available": cuda_ok, "reason": None if cuda_ok else _cuda.why_unavailable()},
+        "cuda": cuda,
     }
 
 
