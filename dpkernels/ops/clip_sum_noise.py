@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import HAS_TRITON, philox_normal_groups_tl, tl, triton
+from ._triton import HAS_TRITON, tl, triton
 from .philox import PhiloxKey, philox_normal
 
 
@@ -28,6 +28,7 @@ def clip_sum_noise_reference(
 
 
 if HAS_TRITON:
+    from ._triton import philox_normal_groups_tl
 
     @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "step", "stream"])
     def _clip_sum_noise_kernel(

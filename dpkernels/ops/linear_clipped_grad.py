@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import (
-    HAS_TRITON, gemm_tile_configs, dot_acc, dot_flags, philox_normal_groups_tl, philox_normal_tl, tl, triton, use_autotune,
-)
+from ._triton import HAS_TRITON, dot_flags, gemm_tile_configs, tl, triton, use_autotune
 from .philox import PhiloxKey, philox_normal
 
 
@@ -40,6 +38,7 @@ def linear_clipped_grad_reference(
 
 
 if HAS_TRITON:
+    from ._triton import dot_acc, philox_normal_groups_tl, philox_normal_tl
 
     @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "step", "stream"])
     def _clipped_grad_kernel(

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import HAS_TRITON, configs, dot_acc, gemm_tile_configs, dot_flags, tl, triton, use_autotune
+from ._triton import HAS_TRITON, configs, dot_flags, gemm_tile_configs, tl, triton, use_autotune
 
 GHOST_EFFICIENCY = 1.0
 METHODS = ("auto", "ghost", "direct")
@@ -81,6 +81,7 @@ def linear_sq_norms_reference(x: torch.Tensor, g: torch.Tensor, bias: bool, meth
 # ---------------------------------------------------------------- Triton kernels ----------
 
 if HAS_TRITON:
+    from ._triton import dot_acc
 
     @triton.jit
     def _rowwise_kernel(
