@@ -124,10 +124,13 @@ def configs(*specs: tuple) -> list:
     return [triton.Config(meta, num_warps=w, num_stages=s) for meta, w, s in specs]
 
 
-# (BLOCK_rows, BLOCK_cols, BLOCK_reduction, num_warps, num_stages) of the GEMM-shaped kernels
+# (BLOCK_rows, BLOCK_cols, BLOCK_reduction, num_warps, num_stages) of the GEMM-shaped kernels.
+# The last two are for float32 (IEEE products on FMA units): every larger tile spills there
+# (bench/kernel_resources.py reads registers and spills of each candidate without a GPU).
 _GEMM_TILES = (
     (64, 64, 32, 4, 3), (64, 64, 64, 4, 4), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3),
     (128, 64, 64, 8, 4), (64, 128, 64, 8, 4), (128, 128, 32, 8, 3), (128, 128, 64, 8, 3),
+    (64, 64, 16, 8, 2), (32, 64, 32, 4, 3),
 )
 
 

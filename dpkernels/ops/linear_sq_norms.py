@@ -256,8 +256,8 @@ def linear_sq_norms_triton(x: torch.Tensor, g: torch.Tensor, bias: bool, method:
         return out_w.sum(dim=1) + out_b.sum(dim=1) if bias else out_w.sum(dim=1)
     if method == "direct":
         d_cols = d + 1 if bias else d  # the bias is a column of ones appended to x
-        # one slot per (p, d) tile of the smallest tiling; unused slots stay zero
-        out_row = triton.cdiv(p, 32 if p <= 32 else 64) * triton.cdiv(d_cols, 32 if d_cols <= 32 else 64)
+        # a slot per (p, d) tile of any tiling with blocks of 32 or more; unused slots stay zero
+        out_row = triton.cdiv(p, 32) * triton.cdiv(d_cols, 32)
         out = torch.zeros((B, out_row), dtype=torch.float32, device=x.device)
         args = (
             x, g, out, T, d, p, out_row,
