@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 
 os.environ.pop("TRITON_INTERPRET", None)
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
@@ -78,7 +79,8 @@ def main() -> int:
                 compile_one(label, fn, ptrs, consts, warps, stages)
             except Exception as e:  # report every failure, not just the first
                 failures += 1
-                print(f"FAILED {label}: {type(e).__name__}: {str(e)[:2000]}"); import traceback; traceback.print_exc() if os.environ.get("DPK_TRACE") else None
+                print(f"FAILED {label}: {type(e).__name__}: {str(e)[:2000]}")
+                traceback.print_exc()  # the compiler's own message (an MLIR pass, a lowering) is in the chain
     return 1 if failures else 0
 
 
