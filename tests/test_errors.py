@@ -454,3 +454,10 @@ def test_accountant_with_zero_noise_is_refused_up_front():
     with pytest.raises(ValueError, match="no privacy"):
         dpkernels.make_private(model, opt, noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=4,
                                accountant=Acc(), sample_rate=0.1)
+
+
+def test_data_parallel_wrappers_are_refused():
+    model = nn.DataParallel(_mlp())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="DataParallel"):
+        dpkernels.make_private(model, opt, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4)

@@ -140,6 +140,11 @@ def make_private(
     elif not (isinstance(seed, int) and 0 <= seed < 2**64):
         raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
 
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        raise ValueError(
+            f"make_private does not support {type(model).__name__} yet: its replicas and gradient "
+            "all-reduce bypass the per-example clipping path; pass the plain module"
+        )
     model = convert(model)
     dp_modules = _check_model(model)
 
