@@ -56,14 +56,13 @@ def linear_sq_norms_reference(x: torch.Tensor, g: torch.Tensor, bias: bool, meth
     """
     x = x.float()
     g = g.float()
-    if method == "rowwise" or (method == "auto" and x.shape[1] == 1):
-        xs = x.square().sum(dim=(1, 2))
-        gs = g.square().sum(dim=(1, 2))
-        if x.shape[1] != 1:
-            raise ValueError("the rowwise method needs T = 1")
-        return xs * gs + (gs if bias else 0.0)
     if method == "auto":
         method = choose_method(x.shape[1], x.shape[2], g.shape[2])
+    if method == "rowwise":
+        if x.shape[1] != 1:
+            raise ValueError("the rowwise method needs T = 1")
+        gs = g.square().sum(dim=(1, 2))
+        return x.square().sum(dim=(1, 2)) * gs + (gs if bias else 0.0)
     if method == "ghost":
         gram_x = torch.bmm(x, x.transpose(1, 2))
         gram_g = torch.bmm(g, g.transpose(1, 2))
