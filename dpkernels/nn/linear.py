@@ -13,6 +13,14 @@ from ..ops.philox import PhiloxKey
 from .module import DPModule
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (False for devices autocast does not know, e.g. meta)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
 class DPLinear(nn.Linear, DPModule):
     """``nn.Linear`` (same constructor, same parameters, same state_dict) for DP training.
 
@@ -52,7 +60,7 @@ class DPLinear(nn.Linear, DPModule):
             )
         weight, bias = self.weight, self.bias
         device_type = input.device.type
-        if torch.is_autocast_enabled(device_type):
+        if _autocast_enabled(device_type):
             # do autocast's cast here, so that the saved input, the output gradient and the
             # per-example norms all see the dtype the matmul ran in
             dtype = torch.get_autocast_dtype(device_type)
