@@ -144,6 +144,69 @@ def test_4d_input_and_sum_loss(device, backend, reduction):
     assert_grads_close(model, expected)
 
 
+class SeqFirstHead(nn.Module):
+    """A position-wise MLP on (T, B, d) input plus a classifier on the mean over T, (B, d): the
+    sequence-first layout (batch on dimension 1) next to a batch-first (B, d) layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.body = mlp(7, 11, 6, seed=3)
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (T, B, 7) -> (B, 4)
+        return self.head(torch.tanh(self.body(x)).mean(dim=0))
+
+
+@pytest.mark.parametrize("norm_method", NORM_METHODS)
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_sequence_first_step_equals_oracle(device, backend, norm_method, contiguous):
+    """batch_first=False: (T, B, d) inputs are clipped per example (dimension 1), not per position."""
+    model = SeqFirstHead().to(device)
+    g = torch.Generator().manual_seed(11)
+    x_bf = (torch.randn(5, 9, 7, generator=g) * torch.tensor([0.2, 1.0, 3.0, 0.5, 2.0]).view(5, 1, 1)).to(device)
+    t = torch.randint(0, 4, (5,), generator=g).to(device)
+
+    class BatchFirst(nn.Module):  # the same function of (B, T, d), for the oracle
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x.transpose(0, 1))
+
+    per_example = {k.removeprefix("inner."): v for k, v in model_per_example_grads(BatchFirst(model), x_bf, t, "ce").items()}
+    _, norms = flat_clipped_mean(per_example, 1.0, 1.0)
+    C = pick_clip_norm(norms)
+    expected, _ = flat_clipped_mean(per_example, C, 6)
+
+    x_sf = x_bf.transpose(0, 1)  # (T=9, B=5, 7): a strided view
+    if contiguous:
+        x_sf = x_sf.contiguous()
+    model, opt = private(model, max_grad_norm=C, expected_batch_size=6, batch_first=False,
+                         norm_method=norm_method, backend=backend)
+    batch_loss("ce", model(x_sf), t, "mean").backward()
+    opt.step()
+    assert_grads_close(model, expected)
+
+
+def test_sequence_first_input_without_batch_first_false_is_refused(device):
+    """The default batch_first=True on (T, B, d) input would clip positions: refused when T is
+    implausible as a batch size, before any gradient is written."""
+    model = SeqFirstHead().to(device)
+    x = torch.randn(64, 5, 7, device=device)  # T = 64 positions, B = 5 examples
+    model, opt = private(model, expected_batch_size=5, noise_multiplier=1.0)
+    with pytest.raises(ValueError, match="saw batch size"):  # the (B, d) head disagrees with T
+        batch_loss("ce", model(x), torch.zeros(5, dtype=torch.long, device=device), "mean").backward()
+    opt.zero_grad()
+    body, opt = private(mlp(7, 11, 6, seed=3).to(device), expected_batch_size=5, noise_multiplier=1.0)
+    body(x).square().mean().backward()  # every layer sees T=64 on dimension 0: consistent, but wrong
+    with pytest.raises(ValueError, match="batch_first=False"):
+        opt.step()
+    assert all(p.grad is None for p in body.parameters())
+    assert opt.steps_taken == 0
+
+
 def test_autocast_bfloat16_step(backend, device):
     """Mixed precision: forward under torch.autocast(bfloat16), float32 parameters and gradients.
 

@@ -309,6 +309,22 @@ def test_bad_make_private_numbers(kwargs, match):
         _private(_mlp(), **kwargs)
 
 
+def test_batch_first_must_be_a_bool():
+    with pytest.raises(TypeError, match="batch_first must be True or False"):
+        _private(_mlp(), batch_first=1)
+
+
+def test_batch_larger_than_expected_is_refused():
+    """More examples than expected_batch_size can plausibly give (B̄ + 8√B̄ + 8) is refused at step."""
+    model, opt = _private(_mlp())  # expected_batch_size=4 -> at most 28
+    model(torch.randn(28, 7)).sum().backward()
+    opt.step()
+    opt.zero_grad()
+    model(torch.randn(29, 7)).sum().backward()
+    with pytest.raises(ValueError, match="saw 29 examples in one step but expected_batch_size is 4"):
+        opt.step()
+
+
 def test_refused_model_is_left_usable():
     """A refused make_private must not leave layers attached (a retry after fixing the model works)."""
     model = nn.Sequential(nn.Linear(7, 9), nn.LayerNorm(9), nn.Linear(9, 4))

@@ -38,9 +38,12 @@ class ModuleCollector:
 class StepCollector:
     """Per-step state shared by all DP modules of one model."""
 
-    def __init__(self, module_names: Dict[nn.Module, str], norm_method: str, backend: Optional[str]) -> None:
+    def __init__(
+        self, module_names: Dict[nn.Module, str], norm_method: str, backend: Optional[str], batch_first: bool = True
+    ) -> None:
         self.norm_method = norm_method
         self.backend = backend
+        self.batch_first = batch_first
         self._handles = {m: ModuleCollector(self, m, n) for m, n in module_names.items()}
         self.records: Dict[str, LayerRecord] = {}
         self.batch_size: Optional[int] = None
@@ -61,7 +64,8 @@ class StepCollector:
         elif B != self.batch_size:
             raise ValueError(
                 f"DP layer '{name}' saw batch size {B} but another layer saw {self.batch_size} in the same "
-                "step: every DP layer must see the batch on dimension 0"
+                f"step: every DP layer must see the batch on dimension {0 if self.batch_first else 1} "
+                f"(batch_first={self.batch_first})"
             )
         self.records[name] = record
 

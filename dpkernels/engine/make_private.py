@@ -110,6 +110,7 @@ def make_private(
     accountant: Any = None,
     sample_rate: Optional[float] = None,
     check_finite: bool = True,
+    batch_first: bool = True,
 ) -> Tuple[nn.Module, DPOptimizer]:
     """Make ``loss.backward(); optimizer.step()`` one DP-SGD step with flat clipping.
 
@@ -125,10 +126,19 @@ def make_private(
     "auto", "ghost" or "direct" (see ``functional.linear_sq_norms``). ``backend``: see
     ``dpkernels.functional``. ``accountant`` (with ``sample_rate``): anything with
     ``step(noise_multiplier=, sample_rate=, steps=)``, e.g. ``dpkernels.accounting.PLDAccountant``,
-    fed once per step. Input batches must be batch-first and non-empty; for an empty Poisson
-    batch call ``optimizer.noise_only_step()``.
+    fed once per step. Batches must be non-empty; for an empty Poisson batch call
+    ``optimizer.noise_only_step()``.
+
+    ``batch_first``: where the DP layers find the examples. True (default): dimension 0 of every
+    layer input, (B, d) or (B, *, d). False: dimension 1 of inputs with 3 or more dimensions,
+    (T, B, *, d) as in sequence-first models, and dimension 0 of (B, d) inputs. Getting this
+    wrong clips positions instead of examples, which is not private: as a safeguard, a step
+    whose layers report more examples than ``expected_batch_size`` can plausibly produce
+    (more than B̄ + 8√B̄ + 8) is refused.
     """
     _validate_numbers(noise_multiplier, max_grad_norm, expected_batch_size, loss_reduction)
+    if not isinstance(batch_first, bool):
+        raise TypeError(f"batch_first must be True or False, got {batch_first!r}")
     if norm_method not in METHODS:
         raise ValueError(f"norm_method must be one of {METHODS}, got {norm_method!r}")
     if accountant is not None and not (sample_rate is not None and 0 < sample_rate <= 1):
@@ -159,7 +169,7 @@ def make_private(
                 param_names[id(p)] = f"{mod_name}.{n}" if mod_name else n
     _check_optimizer(optimizer, model, param_names)
 
-    collector = StepCollector({m: n for n, m in dp_modules}, norm_method, backend)
+    collector = StepCollector({m: n for n, m in dp_modules}, norm_method, backend, batch_first=batch_first)
     for _, module in dp_modules:
         module.dp_attach(collector)
         for n, p in module.named_parameters(recurse=False):

@@ -17,6 +17,7 @@ never written into ``state_dict`` (it would let a checkpoint's reader subtract t
 """
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -151,7 +152,27 @@ class DPOptimizer(torch.optim.Optimizer):
     def _trainable(self, module: nn.Module) -> List[Tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
 
+    def max_plausible_batch_size(self) -> int:
+        """The most examples one step may report: B̄ + 8√B̄ + 8. A Poisson batch of mean B̄ exceeds
+        it with probability below 1e-8 (Chernoff); a layer counting positions or heads as examples
+        usually does, and is refused rather than clipped per position (which would not be private)."""
+        Bbar = self.expected_batch_size
+        return int(Bbar + 8 * math.sqrt(Bbar) + 8)
+
+    def _check_batch_size(self) -> None:
+        B = self.collector.batch_size
+        if B is not None and B > self.max_plausible_batch_size():
+            layout = "(B, *, d)" if self.collector.batch_first else "(T, B, *, d)"
+            raise ValueError(
+                f"the DP layers saw {B} examples in one step but expected_batch_size is {self.expected_batch_size} "
+                f"(at most {self.max_plausible_batch_size()} is plausible): either the layers see the batch on another "
+                f"dimension than the one make_private assumes (batch_first={self.collector.batch_first}, inputs {layout}; "
+                "a sequence-first model needs batch_first=False), or expected_batch_size is wrong. Clipping per "
+                "position instead of per example would not be private; no update was made"
+            )
+
     def _clip_factors(self) -> torch.Tensor:
+        self._check_batch_size()
         total, names = self.collector.total_sq_norms()
         scale = float(self.collector.batch_size) if self.loss_reduction == "mean" else 1.0
         if self.check_finite and not bool(torch.isfinite(total).all()):

@@ -27,7 +27,8 @@ class DPLinear(nn.Linear, DPModule):
     Outside a private engine it is exactly nn.Linear. Attached to one (``make_private``), its
     backward reports per-example squared gradient norms (weight and bias together) computed by
     the fused kernels of ``functional.linear_sq_norms`` and defers the weight gradient to the
-    engine's fused clip-accumulate-noise pass. Input (B, d) or (B, *, d), batch first.
+    engine's fused clip-accumulate-noise pass. Input (B, d) or (B, *, d); with
+    ``make_private(..., batch_first=False)``, (T, B, *, d) (the batch on dimension 1) or (B, d).
     """
 
     @classmethod
@@ -53,7 +54,10 @@ class DPLinear(nn.Linear, DPModule):
                 f"DPLinear needs batched input of shape (B, d) or (B, *, d) under private training, "
                 f"got {tuple(input.shape)}"
             )
-        if input.shape[0] == 0:
+        collector = self._dp_collector.for_module(self)
+        # batch_first=False: (T, B, ..., d) inputs carry the batch on dimension 1; (B, d) stays (B, d)
+        batch_dim = 0 if collector.step.batch_first or input.dim() < 3 else 1
+        if input.shape[batch_dim] == 0:
             raise ValueError(
                 "empty batch reached DPLinear: with Poisson sampling call optimizer.noise_only_step() "
                 "for an empty batch instead of running the model"
@@ -66,7 +70,7 @@ class DPLinear(nn.Linear, DPModule):
             dtype = torch.get_autocast_dtype(device_type)
             input, weight = input.to(dtype), weight.to(dtype)
             bias = bias.to(dtype) if bias is not None else None
-        return DPLinearFunction.apply(input, weight, bias, self._dp_collector.for_module(self))
+        return DPLinearFunction.apply(input, weight, bias, collector, batch_dim)
 
     def dp_clipped_grads(
         self,
