@@ -627,3 +627,38 @@ def test_training_loop_with_poisson_batches(backend, device):
         opt.step()
     assert empties > 0 and opt.steps_taken == 12 and len(acc.calls) == 12
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+# ------------------------------------------------------------------ wrappers around the model ----
+
+
+def _two_steps(model: nn.Module, wrap, x: torch.Tensor) -> list:
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, dp_opt = dpkernels.make_private(model, opt, noise_multiplier=0.7, max_grad_norm=0.5,
+                                           expected_batch_size=5, seed=123, backend="torch")
+    f = wrap(model)
+    for _ in range(2):
+        dp_opt.zero_grad()
+        f(x).square().sum().backward()
+        dp_opt.step()
+    assert dp_opt.steps_taken == 2
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("wrap", ["torch.compile", "checkpoint"])
+def test_compiled_or_checkpointed_model_takes_the_same_private_step(wrap):
+    """torch.compile (graph-breaks at the DP layers' autograd functions) and non-reentrant activation
+    checkpointing (re-runs the forward inside backward) must record each layer exactly once."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(7, 9), nn.Tanh(), nn.Linear(9, 3))
+    x = torch.randn(5, 7)
+    eager = _two_steps(copy.deepcopy(base), lambda m: m, x)
+    if wrap == "torch.compile":
+        torch._dynamo.reset()
+        wrapped = _two_steps(copy.deepcopy(base), lambda m: torch.compile(m, backend="aot_eager"), x)
+    else:
+        wrapped = _two_steps(copy.deepcopy(base), lambda m: (lambda inp: checkpoint(m, inp, use_reentrant=False)), x)
+    for a, b in zip(eager, wrapped):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
