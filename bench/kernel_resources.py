@@ -53,7 +53,7 @@ def main() -> None:
                 {"HAS_BIAS": True, **flags, "BLOCK_P": r, "BLOCK_D": c, "BLOCK_T": k}, w, s))
             print(f"{dt} clipped_grad {r}x{c}x{k} w{w} s{s}: " + resources(
                 lcg._clipped_grad_kernel, {**xg, "out_ptr": f"*{dt}"},
-                {"HAS_NOISE": True, "ALIGNED4": True, **flags, "BLOCK_P": r, "BLOCK_D": c, "BLOCK_K": k}, w, s))
+                {"HAS_NOISE": True, "ALIGNED2": True, **flags, "BLOCK_P": r, "BLOCK_D": c, "BLOCK_K": k}, w, s))
         for k in (32, 64, 128):
             for w in (4, 8):
                 print(f"{dt} ghost        64x64 K{k} w{w} s3: " + resources(

@@ -4,11 +4,12 @@
 // defined there and must not change here without changing it there:
 //
 //   key     = (seed_lo, seed_hi)              the 64-bit seed split into 32-bit words
-//   elem    = flat row-major element index (64 bits); group j = elem >> 2, slot = elem & 3
+//   elem    = flat row-major element index (64 bits); pair j = elem >> 1, slot = elem & 1
 //   counter = (j_lo, j_hi, step, stream)
-//   (x0, x1, x2, x3) = Philox4x32-10(counter, key)
-//   R_a = sqrt(-2 ln(x0 2^-32 + 2^-33)), t_a = 2 pi x1 2^-32; R_b, t_b likewise from (x2, x3)
-//   z[slot 0..3] = R_a cos t_a, R_a sin t_a, R_b cos t_b, R_b sin t_b                 (float32)
+//   (x0, x1, x2, x3) = Philox4x32-10(counter, key)                               (x3 unused)
+//   u = x0 2^-32 + (x1 2^-64 + 2^-65)   (a 64-bit uniform: the tail reaches 9.49 sigma, not 6.8)
+//   R = sqrt(-2 ln u), t = 2 pi x2 2^-32
+//   z[slot 0, 1] = R cos t, R sin t                                                  (float32)
 //
 // Everything here is __host__ __device__ so that the same code runs in the kernels and in host
 // checks (csrc/philox_host_check.cpp compiles this header with a plain C++ compiler).
@@ -22,10 +23,10 @@
 // __logf/__cosf, whose absolute error near u1 = 1 shifts small |z| by up to ~3e-4). The result
 // is therefore the correctly rounded float32 log/cos in all but astronomically rare
 // double-rounding cases, i.e. within 1 ulp of torch's float32 log/cos; z agrees with the torch
-// reference to a few float32 ulps (< 2e-6 absolute, since |z| < 6.8).
+// reference to a few float32 ulps (< 4e-6 absolute, since |z| < 9.5).
 // Cost: one Philox call, one double log and one double cos or sin per drawn element (this
 // memory-bound kernel draws one normal per output element after reading B input elements for
-// it, so it does not regroup draws by four as the Triton GEMM epilogue does).
+// it, so it does not regroup draws by two as the Triton GEMM epilogue does).
 #pragma once
 
 #include <cmath>
@@ -45,10 +46,11 @@ constexpr uint32_t kPhiloxW0 = 0x9E3779B9u;
 constexpr uint32_t kPhiloxW1 = 0xBB67AE85u;
 constexpr int kPhiloxRounds = 10;
 
-// 2^-32, 2^-33 and float32(2*pi): exactly the float32 constants the reference ends up using
-// (torch rounds a Python float scalar to the tensor's float32 dtype before multiplying).
+// 2^-32, 2^-64, 2^-65 and float32(2*pi): exactly the float32 constants the reference ends up
+// using (torch rounds a Python float scalar to the tensor's float32 dtype before multiplying).
 constexpr float kInv2Pow32 = 2.3283064365386963e-10f;
-constexpr float kHalfInv2Pow32 = 1.1641532182693481e-10f;
+constexpr float kInv2Pow64 = 5.421010862427522e-20f;
+constexpr float kHalfInv2Pow64 = 2.710505431213761e-20f;
 constexpr float kTwoPiF = 6.283185307179586f;
 
 // Names one block of counters: the draws of one parameter tensor at one step.
@@ -102,25 +104,27 @@ DPK_HD Philox4 philox_draw(const PhiloxKey& key, uint64_t ctr) {
                        key.stream, key.seed_lo, key.seed_hi);
 }
 
-// Box-Muller on (xa, xb): R cos t (use_sin false) or R sin t, float32 with round-to-nearest at
-// every step (see the header comment).
-DPK_HD float box_muller(uint32_t xa, uint32_t xb, bool use_sin) {
+// Box-Muller: R cos t (use_sin false) or R sin t, R from the 64-bit uniform (x_hi, x_lo), t from
+// x_angle; float32 with round-to-nearest at every step (see the header comment).
+DPK_HD float box_muller(uint32_t x_hi, uint32_t x_lo, uint32_t x_angle, bool use_sin) {
 #if defined(__CUDA_ARCH__)
-  const float u1 = __fadd_rn(__fmul_rn(__uint2float_rn(xa), kInv2Pow32), kHalfInv2Pow32);
-  const float u2 = __fmul_rn(__uint2float_rn(xb), kInv2Pow32);
-  const float ln_u1 = __double2float_rn(::log(static_cast<double>(u1)));
-  const float radius = __fsqrt_rn(__fmul_rn(-2.0f, ln_u1));
+  const float u_lo = __fadd_rn(__fmul_rn(__uint2float_rn(x_lo), kInv2Pow64), kHalfInv2Pow64);
+  const float u = __fadd_rn(__fmul_rn(__uint2float_rn(x_hi), kInv2Pow32), u_lo);
+  const float u2 = __fmul_rn(__uint2float_rn(x_angle), kInv2Pow32);
+  const float ln_u = __double2float_rn(::log(static_cast<double>(u)));
+  const float radius = __fsqrt_rn(__fmul_rn(-2.0f, ln_u));
   const float angle = __fmul_rn(kTwoPiF, u2);
   const double a = static_cast<double>(angle);
   const float trig = __double2float_rn(use_sin ? ::sin(a) : ::cos(a));
   return __fmul_rn(radius, trig);
 #else
   // Host: plain float32 operations are IEEE round-to-nearest; the products by powers of two
-  // are exact, so even a contracted multiply-add gives the same u1.
-  const float u1 = static_cast<float>(xa) * kInv2Pow32 + kHalfInv2Pow32;
-  const float u2 = static_cast<float>(xb) * kInv2Pow32;
-  const float ln_u1 = static_cast<float>(std::log(static_cast<double>(u1)));
-  const float radius = std::sqrt(-2.0f * ln_u1);
+  // are exact, so even a contracted multiply-add gives the same u.
+  const float u_lo = static_cast<float>(x_lo) * kInv2Pow64 + kHalfInv2Pow64;
+  const float u = static_cast<float>(x_hi) * kInv2Pow32 + u_lo;
+  const float u2 = static_cast<float>(x_angle) * kInv2Pow32;
+  const float ln_u = static_cast<float>(std::log(static_cast<double>(u)));
+  const float radius = std::sqrt(-2.0f * ln_u);
   const float angle = kTwoPiF * u2;
   const double a = static_cast<double>(angle);
   const float trig = static_cast<float>(use_sin ? std::sin(a) : std::cos(a));
@@ -130,10 +134,8 @@ DPK_HD float box_muller(uint32_t xa, uint32_t xb, bool use_sin) {
 
 // The standard normal for element `elem` of the counter block `key`.
 DPK_HD float philox_normal(const PhiloxKey& key, uint64_t elem) {
-  const Philox4 r = philox_draw(key, elem >> 2);
-  const uint32_t slot = static_cast<uint32_t>(elem & 3u);
-  const bool second_pair = slot >= 2u;
-  return box_muller(second_pair ? r.x2 : r.x0, second_pair ? r.x3 : r.x1, (slot & 1u) != 0u);
+  const Philox4 r = philox_draw(key, elem >> 1);
+  return box_muller(r.x0, r.x1, r.x2, (elem & 1u) != 0u);
 }
 
 }  // namespace dpk

@@ -22,8 +22,8 @@ RuntimeError with the reason), ``attempted() -> bool``, ``csrc_dir() -> Path``, 
 
 ``clip_sum_noise(per_example, clip_factors, noise_std, key) -> Tensor``
     ``sum_i clip_factors[i] * per_example[i] + noise_std * N(0, I)`` with the Philox noise of
-    ``dpkernels.ops.philox`` (element j of the flattened parameter is slot j & 3 of counter
-    (j >> 2, step, stream)).
+    ``dpkernels.ops.philox`` (element j of the flattened parameter is slot j & 1 of counter
+    (j >> 1, step, stream)).
 ``philox_normal(numel, key, device="cuda", offset=0) -> Tensor``
     float32 standard normals for elements ``offset .. offset + numel - 1`` of ``key``'s block.
 ``philox4x32(numel, key, device="cuda", offset=0) -> Tensor``

@@ -68,7 +68,7 @@ def main() -> int:
             ("direct " + dt, lsn._direct_kernel, xg,
              {"HAS_BIAS": True, **flags, "BLOCK_P": 128, "BLOCK_D": 128, "BLOCK_T": 64}, 8, 3),
             ("clipped_grad " + dt, lcg._clipped_grad_kernel, {**xg, "out_ptr": f"*{dt}"},
-             {"HAS_NOISE": True, "ALIGNED4": dt != "fp16", **flags, "BLOCK_P": 128, "BLOCK_D": 128, "BLOCK_K": 64}, 8, 3),
+             {"HAS_NOISE": True, "ALIGNED2": dt != "fp16", **flags, "BLOCK_P": 128, "BLOCK_D": 128, "BLOCK_K": 64}, 8, 3),
             ("clip_sum_noise " + dt, csn._clip_sum_noise_kernel, {"g_ptr": f"*{dt}", "out_ptr": f"*{dt}"},
              {"HAS_NOISE": True, "BLOCK_B": 16, "BLOCK_N": 256}, 4, 2),
         ]

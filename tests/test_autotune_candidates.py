@@ -66,7 +66,7 @@ def test_clipped_grad_candidate(device, tile, d):
     lcg._clipped_grad_kernel[grid](
         x2, g2, c, out, T, B * T, d, P, x2.stride(0), g2.stride(0),
         0.5, key.seed_lo, key.seed_hi, key.step, key.stream,
-        HAS_NOISE=True, ALIGNED4=d % 4 == 0, **kt.dot_flags(x.dtype), BLOCK_P=rows, BLOCK_D=cols, BLOCK_K=red,
+        HAS_NOISE=True, ALIGNED2=d % 2 == 0, **kt.dot_flags(x.dtype), BLOCK_P=rows, BLOCK_D=cols, BLOCK_K=red,
     )
     ref_w, _ = linear_clipped_sum_oracle(x, g, c, True)
     ref = ref_w.double().cpu() + 0.5 * philox_normal(P * d, key).view(P, d).double()

@@ -94,11 +94,11 @@ NOISE_CASES = [
     "3d:3x7x33x45",
     "3d:2x5x70x75",
     "4d_permuted:2x3x5x7x45",
-    # d % 4 == 0: the kernel draws whole groups of four elements per Philox call
+    # d even: the kernel draws whole pairs of elements per Philox call
     "2d:1x4x1",
     "2d:2x12x5",  # one 32-wide d tile, partly masked
     "3d:2x3x36x45",  # one 64-wide d tile, partly masked
-    "2d:3x68x33",  # two d tiles, the second holding a single group
+    "2d:3x66x33",  # two d tiles, the second holding a single pair
 ]
 
 

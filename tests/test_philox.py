@@ -30,24 +30,23 @@ def _counters(idx: torch.Tensor, step: int, stream: int):
     return idx & MASK32, (idx >> 32) & MASK32, torch.full_like(idx, step), torch.full_like(idx, stream)
 
 
-def _box_muller(xa: torch.Tensor, xb: torch.Tensor, use_sin: torch.Tensor) -> torch.Tensor:
-    """The documented transform (dpkernels/ops/philox.py), written out again here."""
-    u1 = xa.to(torch.float32) * 2.0**-32 + 2.0**-33
-    angle = (2 * math.pi) * (xb.to(torch.float32) * 2.0**-32)
-    radius = torch.sqrt(-2.0 * torch.log(u1))
+def _box_muller(x_hi: torch.Tensor, x_lo: torch.Tensor, x_angle: torch.Tensor, use_sin: torch.Tensor) -> torch.Tensor:
+    """The documented transform (dpkernels/ops/philox.py), written out again here: the radius
+    from the 64-bit uniform x_hi·2^-32 + x_lo·2^-64 + 2^-65, the angle from x_angle."""
+    u = x_hi.to(torch.float32) * 2.0**-32 + (x_lo.to(torch.float32) * 2.0**-64 + 2.0**-65)
+    angle = (2 * math.pi) * (x_angle.to(torch.float32) * 2.0**-32)
+    radius = torch.sqrt(-2.0 * torch.log(u))
     return radius * torch.where(use_sin, torch.sin(angle), torch.cos(angle))
 
 
 def _normals_at(idx: torch.Tensor, key: PhiloxKey) -> torch.Tensor:
     """Normals of arbitrary (64-bit) element indices under ``key``, from the raw cipher.
 
-    Element e is slot e & 3 of group e >> 2: slots 0, 1 are R cos, R sin of (x0, x1), slots
-    2, 3 the same of (x2, x3).
+    Element e is slot e & 1 of pair e >> 1: slot 0 is R cos θ, slot 1 is R sin θ, with R from
+    (x0, x1) and θ from x2; x3 is unused.
     """
-    x0, x1, x2, x3 = philox4x32_10(*_counters(idx >> 2, key.step, key.stream), key.seed_lo, key.seed_hi)
-    slot = idx & 3
-    second = slot >= 2
-    return _box_muller(torch.where(second, x2, x0), torch.where(second, x3, x1), (slot & 1) == 1)
+    x0, x1, x2, _ = philox4x32_10(*_counters(idx >> 1, key.step, key.stream), key.seed_lo, key.seed_hi)
+    return _box_muller(x0, x1, x2, (idx & 1) == 1)
 
 
 KEYS = [
@@ -129,25 +128,25 @@ if HAS_TRITON:
 
 
 if HAS_TRITON:
-    from dpkernels.ops._triton import philox_normal_groups_tl
+    from dpkernels.ops._triton import philox_normal_pairs_tl
 
     @triton.jit
-    def _group_normals_from_kernel(out, gbase, seed_lo, seed_hi, step, stream, G: tl.constexpr):
-        groups = gbase + tl.arange(0, G).to(tl.int64)
-        z = tl.reshape(philox_normal_groups_tl(groups[None, :], seed_lo, seed_hi, step, stream), (4 * G,))
-        tl.store(out + tl.arange(0, 4 * G), z)
+    def _pair_normals_from_kernel(out, qbase, seed_lo, seed_hi, step, stream, Q: tl.constexpr):
+        pairs = qbase + tl.arange(0, Q).to(tl.int64)
+        z = tl.reshape(philox_normal_pairs_tl(pairs[None, :], seed_lo, seed_hi, step, stream), (2 * Q,))
+        tl.store(out + tl.arange(0, 2 * Q), z)
 
 
-@pytest.mark.parametrize("gbase", [0, 2**30 - 8, 2**32 + 3, 2**38])
-def test_triton_grouped_helper_with_64bit_indices(device, gbase):
-    """The GEMM epilogue's grouped generator: group j holds elements 4j .. 4j+3, also past 2^32."""
+@pytest.mark.parametrize("qbase", [0, 2**31 - 8, 2**32 + 3, 2**38])
+def test_triton_pair_helper_with_64bit_indices(device, qbase):
+    """The GEMM epilogue's paired generator: pair q holds elements 2q, 2q+1, also past 2^32."""
     if not triton_runnable(device):
         pytest.skip("Triton cannot run here")
     key = PhiloxKey(0xFEDCBA9876543210, 2**31 + 1, 3)
-    G = 64
-    out = torch.empty(4 * G, dtype=torch.float32, device=device)
-    _group_normals_from_kernel[(1,)](out, gbase, key.seed_lo, key.seed_hi, key.step, key.stream, G=G)
-    idx = torch.arange(4 * gbase, 4 * (gbase + G), dtype=torch.int64)
+    Q = 64
+    out = torch.empty(2 * Q, dtype=torch.float32, device=device)
+    _pair_normals_from_kernel[(1,)](out, qbase, key.seed_lo, key.seed_hi, key.step, key.stream, Q=Q)
+    idx = torch.arange(2 * qbase, 2 * (qbase + Q), dtype=torch.int64)
     torch.testing.assert_close(out.cpu(), _normals_at(idx, key), rtol=1e-5, atol=1e-5)
 
 
@@ -174,9 +173,9 @@ def test_high_word_of_element_index_changes_the_draw():
         high = philox4x32_10(c0, torch.full_like(c1, hi), c2, c3, key.seed_lo, key.seed_hi)
         same = (low[0] == high[0]) & (low[1] == high[1])
         assert not bool(same.any())
-    # and through the element index itself: + 2^32 (group + 2^30) and + 2^34 (group's c1 = 1)
+    # and through the element index itself: + 2^32 (pair + 2^31) and + 2^33 (the pair's c1 = 1)
     base = _normals_at(idx, key)
-    for offset in (2**32, 2**34, 2**40):
+    for offset in (2**32, 2**33, 2**40):
         assert (_normals_at(idx + offset, key) == base).float().mean() < 1e-3
 
 
@@ -212,11 +211,11 @@ def test_normals_tail_frequencies():
 
 
 def test_counters_never_share_a_draw():
-    """4 streams × 4 steps × 10^5 groups: every word pair that feeds Box-Muller is distinct.
+    """4 streams × 4 steps × 10^5 pairs: every radius word pair (x0, x1) is distinct.
 
-    Each group's (x0, x1) makes the normals of its slots 0, 1 and (x2, x3) those of slots 2, 3.
-    (A 32-bit word alone would collide by chance among 10^6 draws, so the 64-bit pairs are what
-    is checked. Philox is a bijection of the counter for a fixed key, so the full 128-bit outputs
+    Each pair's normals are R cos θ, R sin θ with R from (x0, x1) and θ from x2. (A 32-bit word
+    alone would collide by chance among 10^6 draws, so the 64-bit radius words are what is
+    checked. Philox is a bijection of the counter for a fixed key, so the full 128-bit outputs
     are distinct by construction.)
     """
     key = PhiloxKey(0xC0FFEE)
@@ -224,11 +223,37 @@ def test_counters_never_share_a_draw():
     words = []
     for step in range(4):
         for stream in range(4):
-            x0, x1, x2, x3 = philox4x32_10(*_counters(idx, step, stream), key.seed_lo, key.seed_hi)
+            x0, x1, _, _ = philox4x32_10(*_counters(idx, step, stream), key.seed_lo, key.seed_hi)
             words.append((x0 << 32) | x1)  # wraps in int64, still one-to-one
-            words.append((x2 << 32) | x3)
     allw = torch.cat(words)
     assert torch.unique(allw).numel() == allw.numel()
+
+
+def test_tail_reaches_past_nine_standard_deviations():
+    """The radius uses a 64-bit uniform: the smallest u is 2^-65, not 2^-33, so the sampler is not
+    truncated at 6.8σ (a truncation that would add δ ≈ exp(-(6.76 - 1/σ)²/2) per step)."""
+    from dpkernels.ops import philox
+
+    zero = torch.zeros(1, dtype=torch.int64)
+    for x_lo, radius in ((0, philox.MAX_RADIUS), (1, math.sqrt(-2 * math.log(1.5 * 2.0**-64)))):
+        z = philox._box_muller(zero, torch.full((1,), x_lo, dtype=torch.int64), zero)[0]  # θ = 0: z = R
+        assert float(z) == pytest.approx(radius, rel=1e-6)
+    assert philox.MAX_RADIUS == pytest.approx(9.4926, abs=1e-4)
+    # x0 = 0 is not the end of the range: its 2^32 low words spread u over [2^-65, 2^-32)
+    lo = torch.arange(0, 2**32, 2**20, dtype=torch.int64)
+    r = philox._box_muller(torch.zeros_like(lo), lo, torch.zeros_like(lo))[0]
+    assert float(r.min()) > 6.66 and float(r.max()) == pytest.approx(philox.MAX_RADIUS, rel=1e-6)
+    assert bool((r[1:] < r[:-1]).all())  # distinct, decreasing radii: the low word is used
+
+
+def test_truncation_delta():
+    from dpkernels.ops.philox import MAX_RADIUS, truncation_delta
+
+    assert truncation_delta(1.0) == pytest.approx(math.exp(-0.5 * (MAX_RADIUS - 1) ** 2))
+    assert truncation_delta(1.0) < 1e-15 and truncation_delta(0.5) < 1e-12
+    assert truncation_delta(0.05) == 1.0  # σ so small the shift passes the whole range
+    with pytest.raises(ValueError):
+        truncation_delta(0.0)
 
 
 def test_streams_steps_seeds_uncorrelated():

@@ -55,8 +55,11 @@ if HAS_TRITON:
         return c0, c1, c2, c3
 
     @triton.jit
-    def _radius(x):
-        return tl.sqrt(-2.0 * tl.log(x.to(tl.float32) * 2.3283064365386963e-10 + 1.1641532182693481e-10))
+    def _radius(x_hi, x_lo):
+        """sqrt(-2 ln u), u = x_hi·2^-32 + (x_lo·2^-64 + 2^-65): the 64-bit uniform of ops/philox.py."""
+        u = x_hi.to(tl.float32) * 2.3283064365386963e-10 + (
+            x_lo.to(tl.float32) * 5.421010862427522e-20 + 2.710505431213761e-20)
+        return tl.sqrt(-2.0 * tl.log(u))
 
     @triton.jit
     def _angle(x):
@@ -66,30 +69,26 @@ if HAS_TRITON:
     def philox_normal_tl(elem, seed_lo, seed_hi, step, stream):
         """Standard normals for int64 element indices ``elem`` of any shape and alignment.
 
-        One Philox call per element (the group's other three outputs are discarded); use
-        ``philox_normal_groups_tl`` where elements come in aligned runs of four.
+        One Philox call per element (the other element of its pair is discarded); use
+        ``philox_normal_pairs_tl`` where elements come in aligned pairs.
         """
-        x0, x1, x2, x3 = philox4x32_10_tl(elem >> 2, seed_lo, seed_hi, step, stream)
-        slot = elem & 3
-        second_pair = slot >= 2
-        radius = _radius(tl.where(second_pair, x2, x0))
-        angle = _angle(tl.where(second_pair, x3, x1))
-        return radius * tl.where((slot & 1) == 1, tl.sin(angle), tl.cos(angle))
+        x0, x1, x2, _ = philox4x32_10_tl(elem >> 1, seed_lo, seed_hi, step, stream)
+        radius = _radius(x0, x1)
+        angle = _angle(x2)
+        return radius * tl.where((elem & 1) == 1, tl.sin(angle), tl.cos(angle))
 
     @triton.jit
-    def philox_normal_groups_tl(group, seed_lo, seed_hi, step, stream):
-        """The normals of elements 4g .. 4g+3 for int64 groups ``group`` of shape (R, G): (R, 4G).
+    def philox_normal_pairs_tl(pair, seed_lo, seed_hi, step, stream):
+        """The normals of elements 2q, 2q+1 for int64 pair indices ``pair`` of shape (R, Q): (R, 2Q).
 
-        One Philox call, two logs and two square roots per four elements.
+        One Philox call, one log and one square root per two elements.
         """
-        x0, x1, x2, x3 = philox4x32_10_tl(group, seed_lo, seed_hi, step, stream)
-        ra = _radius(x0)
-        aa = _angle(x1)
-        rb = _radius(x2)
-        ab = _angle(x3)
-        # join(join(z0, z2), join(z1, z3)) has [..., i, o] = z_{2i+o}: row-major order z0 z1 z2 z3
-        z = tl.join(tl.join(ra * tl.cos(aa), rb * tl.cos(ab)), tl.join(ra * tl.sin(aa), rb * tl.sin(ab)))
-        return tl.reshape(z, (group.shape[0], 4 * group.shape[1]))
+        x0, x1, x2, _ = philox4x32_10_tl(pair, seed_lo, seed_hi, step, stream)
+        radius = _radius(x0, x1)
+        angle = _angle(x2)
+        # join(a, b)[..., q, o] is z_{2q+o}: row-major order z0 z1
+        z = tl.join(radius * tl.cos(angle), radius * tl.sin(angle))
+        return tl.reshape(z, (pair.shape[0], 2 * pair.shape[1]))
 
     @triton.jit
     def dot_acc(acc, a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
@@ -107,8 +106,8 @@ if HAS_TRITON:
 
     @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "step", "stream"])
     def _philox_normal_kernel(out, n, seed_lo, seed_hi, step, stream, BLOCK: tl.constexpr):
-        groups = tl.program_id(0).to(tl.int64) * (BLOCK // 4) + tl.arange(0, BLOCK // 4)
-        z = tl.reshape(philox_normal_groups_tl(groups[None, :], seed_lo, seed_hi, step, stream), (BLOCK,))
+        pairs = tl.program_id(0).to(tl.int64) * (BLOCK // 2) + tl.arange(0, BLOCK // 2)
+        z = tl.reshape(philox_normal_pairs_tl(pairs[None, :], seed_lo, seed_hi, step, stream), (BLOCK,))
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         tl.store(out + offs, z, mask=offs < n)
 

@@ -28,7 +28,7 @@ def clip_sum_noise_reference(
 
 
 if HAS_TRITON:
-    from ._triton import philox_normal_groups_tl
+    from ._triton import philox_normal_pairs_tl
 
     @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "step", "stream"])
     def _clip_sum_noise_kernel(
@@ -48,8 +48,8 @@ if HAS_TRITON:
                         mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
             acc += tl.sum(v * c[:, None], axis=0)
         if HAS_NOISE:
-            groups = tl.program_id(0).to(tl.int64) * (BLOCK_N // 4) + tl.arange(0, BLOCK_N // 4)
-            z = philox_normal_groups_tl(groups[None, :], seed_lo, seed_hi, step, stream)
+            pairs = tl.program_id(0).to(tl.int64) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+            z = philox_normal_pairs_tl(pairs[None, :], seed_lo, seed_hi, step, stream)
             acc += noise_std * tl.reshape(z, (BLOCK_N,))
         tl.store(out_ptr + cols, acc.to(out_ptr.dtype.element_ty), mask=cmask)
 

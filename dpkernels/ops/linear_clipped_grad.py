@@ -38,7 +38,7 @@ def linear_clipped_grad_reference(
 
 
 if HAS_TRITON:
-    from ._triton import dot_acc, philox_normal_groups_tl, philox_normal_tl
+    from ._triton import dot_acc, philox_normal_pairs_tl, philox_normal_tl
 
     @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "step", "stream"])
     def _clipped_grad_kernel(
@@ -46,7 +46,7 @@ if HAS_TRITON:
         T, K, d, p,
         sxk, sgk,
         noise_std, seed_lo, seed_hi, step, stream,
-        HAS_NOISE: tl.constexpr, ALIGNED4: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+        HAS_NOISE: tl.constexpr, ALIGNED2: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
         BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         # x: (K, d) and G: (K, p) with unit feature stride and row strides sxk, sgk; row k
@@ -76,10 +76,10 @@ if HAS_TRITON:
         # element index in W (p, d), 64-bit: p·d may pass 2^31
         elem = rows_p.to(tl.int64)[:, None] * d + cols_d[None, :]
         if HAS_NOISE:
-            if ALIGNED4:  # d % 4 == 0: a tile row holds whole groups of four (one Philox call each)
-                gcols = pid_d * (BLOCK_D // 4) + tl.arange(0, BLOCK_D // 4)
-                groups = rows_p.to(tl.int64)[:, None] * (d // 4) + gcols[None, :]
-                acc += noise_std * philox_normal_groups_tl(groups, seed_lo, seed_hi, step, stream)
+            if ALIGNED2:  # d even: a tile row holds whole pairs (one Philox call each)
+                pcols = pid_d * (BLOCK_D // 2) + tl.arange(0, BLOCK_D // 2)
+                pairs = rows_p.to(tl.int64)[:, None] * (d // 2) + pcols[None, :]
+                acc += noise_std * philox_normal_pairs_tl(pairs, seed_lo, seed_hi, step, stream)
             else:
                 acc += noise_std * philox_normal_tl(elem, seed_lo, seed_hi, step, stream)
         tl.store(out_ptr + elem, acc.to(out_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_d[None, :])
@@ -111,7 +111,7 @@ def linear_clipped_grad_triton(
         x2, g2, clip_factors, out, T, B * T, d, p, x2.stride(0), g2.stride(0),
         float(noise_std), key.seed_lo, key.seed_hi, key.step, key.stream,
     )
-    flags = dict(HAS_NOISE=noise_std != 0.0, ALIGNED4=d % 4 == 0, **dot_flags(x.dtype))
+    flags = dict(HAS_NOISE=noise_std != 0.0, ALIGNED2=d % 2 == 0, **dot_flags(x.dtype))
     if use_autotune():
         def grid(meta):
             return (triton.cdiv(p, meta["BLOCK_P"]), triton.cdiv(d, meta["BLOCK_D"]))

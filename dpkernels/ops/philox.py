@@ -7,28 +7,40 @@ this torch reference (int64 arithmetic, masks to 32 bits), the Triton helper in
 Counter scheme
 --------------
 A draw is named by a 64-bit ``seed`` (the Philox key) and the flat, row-major index ``e`` of
-the element inside its parameter tensor. Elements come in groups of four consecutive
-indices, j = e >> 2, and each group is one 128-bit Philox counter
+the element inside its parameter tensor. Elements come in pairs of consecutive indices,
+j = e >> 1, and each pair is one 128-bit Philox counter
 
     c0 = j, low 32 bits      c1 = j, high 32 bits      c2 = step      c3 = stream
 
 (stream: one per parameter tensor). Philox is a bijection of the counter for a fixed key, so
-two groups that differ in (j, step, stream) never share a draw, and inside a group each of
-the four outputs serves one element; a run is reproducible from ``seed``.
+two pairs that differ in (j, step, stream) never share a draw; a run is reproducible from
+``seed``.
 
-Box-Muller turns the four 32-bit outputs (x0, x1, x2, x3) into the group's four normals:
+Box-Muller turns three of the four 32-bit outputs (x0, x1, x2, x3) into the pair's normals,
+the radius from a 64-bit uniform (x0 its high word, x1 its low word):
 
-    R_a = sqrt(-2 ln(x0·2^-32 + 2^-33)),  θ_a = 2π·x1·2^-32     z[4j]   = R_a cos θ_a
-                                                                z[4j+1] = R_a sin θ_a
-    R_b = sqrt(-2 ln(x2·2^-32 + 2^-33)),  θ_b = 2π·x3·2^-32     z[4j+2] = R_b cos θ_b
-                                                                z[4j+3] = R_b sin θ_b
+    u = x0·2^-32 + (x1·2^-64 + 2^-65)        R = sqrt(-2 ln u),  θ = 2π·x2·2^-32
+    z[2j] = R cos θ,   z[2j+1] = R sin θ                                   (x3 is unused)
 
-in float32 (u = x·2^-32 + 2^-33 lies in (0, 1], so the log is finite). The tail reaches
-sqrt(2·33 ln 2) ≈ 6.8 standard deviations. One Philox call per four elements, and one log
-and one square root per two, is what makes the noise cheap enough for a GEMM epilogue.
+in float32, every operation rounded to nearest (the products by powers of two are exact).
+
+Why 64 bits for the radius. A sampler reaches radii up to sqrt(-2 ln u_min) only: with a
+32-bit uniform (u_min = 2^-33) that is 6.76 standard deviations, and the noise is a Gaussian
+truncated there. Truncation matters for privacy: a neighbouring dataset may shift one
+coordinate of the clipped sum by the whole sensitivity C, i.e. s = 1/σ noise standard
+deviations, and outputs near the truncation edge then occur under one dataset and never under
+the other. Such an output needs the pair's radius beyond R_max − s, which has probability
+exp(−(R_max − s)²/2): an additive δ per step that the Gaussian accountant does not see
+(``truncation_delta``). With R_max = 6.76 it is 6e-8 at σ = 1 and 1e-5 at σ = 0.5, so over
+10⁴ steps it would exceed a target δ of 1e-5. With the 64-bit uniform (u_min = 2^-65)
+R_max = 9.49 and it is 2e-16 at σ = 1, 6e-13 at σ = 0.5. The price is one Philox call per
+two elements instead of four: integer work in the GEMM epilogue. (Like every floating-point
+sampler, this one has a discrete support; attacks on that, in the style of Mironov 2012, are
+not addressed here.)
 """
 from __future__ import annotations
 
+import math
 import secrets
 from dataclasses import dataclass
 
@@ -42,7 +54,9 @@ PHILOX_ROUNDS = 10
 MASK32 = 0xFFFFFFFF
 TWO_PI = 6.283185307179586
 INV_2_32 = 2.3283064365386963e-10  # 2^-32
-HALF_INV_2_32 = 1.1641532182693481e-10  # 2^-33
+INV_2_64 = 5.421010862427522e-20  # 2^-64
+HALF_INV_2_64 = 2.710505431213761e-20  # 2^-65
+MAX_RADIUS = math.sqrt(-2.0 * math.log(HALF_INV_2_64))  # 9.49: no draw lies farther from 0
 
 
 @dataclass(frozen=True)
@@ -116,18 +130,33 @@ def philox4x32_10(
     return c0, c1, c2, c3
 
 
-def _box_muller_pair(xa: torch.Tensor, xb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    radius = torch.sqrt(-2.0 * torch.log(xa.to(torch.float32) * INV_2_32 + HALF_INV_2_32))
-    angle = TWO_PI * (xb.to(torch.float32) * INV_2_32)
+def _box_muller(x_hi: torch.Tensor, x_lo: torch.Tensor, x_angle: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R cos θ, R sin θ) with R from the 64-bit uniform (x_hi, x_lo) and θ from x_angle."""
+    u = x_hi.to(torch.float32) * INV_2_32 + (x_lo.to(torch.float32) * INV_2_64 + HALF_INV_2_64)
+    radius = torch.sqrt(-2.0 * torch.log(u))
+    angle = TWO_PI * (x_angle.to(torch.float32) * INV_2_32)
     return radius * torch.cos(angle), radius * torch.sin(angle)
 
 
 def philox_normal(numel: int, key: PhiloxKey, device: torch.device | str = "cpu") -> torch.Tensor:
     """float32 standard normals for elements 0..numel-1 of the counter block ``key`` (reference)."""
-    group = torch.arange((numel + 3) // 4, dtype=torch.int64, device=device)
-    c2 = torch.full_like(group, key.step)
-    c3 = torch.full_like(group, key.stream)
-    x0, x1, x2, x3 = philox4x32_10(group & MASK32, (group >> 32) & MASK32, c2, c3, key.seed_lo, key.seed_hi)
-    z0, z1 = _box_muller_pair(x0, x1)
-    z2, z3 = _box_muller_pair(x2, x3)
-    return torch.stack([z0, z1, z2, z3], dim=1).reshape(-1)[:numel]
+    pair = torch.arange((numel + 1) // 2, dtype=torch.int64, device=device)
+    c2 = torch.full_like(pair, key.step)
+    c3 = torch.full_like(pair, key.stream)
+    x0, x1, x2, _ = philox4x32_10(pair & MASK32, (pair >> 32) & MASK32, c2, c3, key.seed_lo, key.seed_hi)
+    z0, z1 = _box_muller(x0, x1, x2)
+    return torch.stack([z0, z1], dim=1).reshape(-1)[:numel]
+
+
+def truncation_delta(noise_multiplier: float) -> float:
+    """The per-step δ of the sampler's finite tail when a neighbour moves one coordinate by C.
+
+    exp(−(MAX_RADIUS − 1/σ)²/2): the probability that a pair of draws has radius beyond
+    MAX_RADIUS − 1/σ, which an output must have to be reachable under one of two neighbouring
+    datasets and not the other (see the module docstring). Add it to δ per step, or check that
+    steps · truncation_delta(σ) is negligible against the target δ.
+    """
+    if not noise_multiplier > 0:
+        raise ValueError(f"noise_multiplier must be > 0, got {noise_multiplier!r}")
+    reach = max(MAX_RADIUS - 1.0 / noise_multiplier, 0.0)
+    return math.exp(-0.5 * reach * reach)
