@@ -42,11 +42,13 @@ from bench.common import fmt_bytes, md_table  # noqa: E402
 
 
 def layer_floor(B: int, T: int, d: int, p: int) -> Dict[str, float]:
+    from dpkernels.ops.linear_sq_norms import choose_method  # late: after TRITON_INTERPRET is settled
+
     F = 2.0 * B * T * d * p
     r = min(T * (d + p) / (d * p), 1.0)
     r_sym = min(T * (d + p) / (2.0 * d * p), 1.0)
     return {"gemm_flops": F, "r": r, "r_sym": r_sym, "norm_flops": r * F, "norm_flops_sym": r_sym * F,
-            "method": ("rowwise" if T == 1 else ("ghost" if T * (d + p) < d * p else "direct"))}
+            "method": choose_method(T, d, p)}
 
 
 def workload_floor(kind: str, cfg) -> Dict[str, Any]:

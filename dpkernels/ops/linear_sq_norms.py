@@ -13,7 +13,8 @@ ghost   ‖G_iᵀ x_i‖²_F = Σ_{t,s} (x_i x_iᵀ)_{ts} (G_i G_iᵀ)_{ts}
         them and reduces; the T×T matrices are never stored. The plane is symmetric, so only
         tiles on and above the diagonal are computed (off-diagonal ones count twice).
         The bias term is the sum of all entries of G_i G_iᵀ, taken from the same tiles.
-        Cost ≈ B·T²·(d + p) multiply-adds.
+        Cost: n(n+1)/2 tile pairs of b_T² (d + p) multiply-adds each, n = ⌈T/b_T⌉, per
+        example, ≈ B·T·(T + b_T)·(d + p)/2 (``ghost_macs``).
 direct  per example, accumulate each (p, d) tile of G_iᵀ x_i over T in registers, square,
         reduce. The per-example gradient is never written to memory. With a bias, x_i is
         read as [x_i, 1], so the extra column of G_iᵀ [x_i, 1] is the bias gradient Σ_t G_it
@@ -21,9 +22,10 @@ direct  per example, accumulate each (p, d) tile of G_iᵀ x_i over T in registe
         Cost ≈ B·T·d·p multiply-adds (one weight-gradient GEMM).
 rowwise T = 1: G_iᵀ x_i is an outer product, so n_i = ‖x_i‖²·‖G_i‖² (+ ‖G_i‖²). Memory-bound.
 
-``method="auto"`` takes rowwise when T = 1, else ghost when T·(d + p) < κ·d·p and direct
-otherwise (κ = ``GHOST_EFFICIENCY``, the measured speed of the ghost kernel relative to
-the direct one per multiply-add; 1.0 until measured otherwise on a GPU).
+``method="auto"`` takes rowwise when T = 1, else ghost when ghost_macs < κ·direct_macs
+(about T(d + p)/2 < κ·d·p for long sequences: the symmetry halves the ghost cost) and direct
+otherwise. κ = ``GHOST_EFFICIENCY`` is the measured speed of the ghost kernel relative to the
+direct one per multiply-add; 1.0 until measured otherwise on a GPU.
 
 All accumulation is float32 whatever the input dtype (float32, bfloat16, float16); float32
 inputs use IEEE products (no TF32), so norms are exact to float32 rounding.
@@ -38,11 +40,28 @@ GHOST_EFFICIENCY = 1.0
 METHODS = ("auto", "ghost", "direct")
 
 
+def ghost_block_t(T: int) -> int:
+    """The ghost kernel's tile edge on the T×T plane."""
+    return 64 if T > 32 else (32 if T > 16 else 16)
+
+
+def ghost_macs(T: int, d: int, p: int) -> int:
+    """Multiply-adds of the ghost method per example: upper-triangle tile pairs (diagonal included)."""
+    bt = ghost_block_t(T)
+    n = -(-T // bt)
+    return n * (n + 1) // 2 * bt * bt * (d + p)
+
+
+def direct_macs(T: int, d: int, p: int) -> int:
+    """Multiply-adds of the direct method per example: one (p, d) gradient accumulated over T."""
+    return T * d * p
+
+
 def choose_method(T: int, d: int, p: int) -> str:
     """The method ``auto`` uses for a (B, T, d) → (B, T, p) linear layer (see module docstring)."""
     if T == 1:
         return "rowwise"
-    return "ghost" if T * (d + p) < GHOST_EFFICIENCY * d * p else "direct"
+    return "ghost" if ghost_macs(T, d, p) < GHOST_EFFICIENCY * direct_macs(T, d, p) else "direct"
 
 
 # ---------------------------------------------------------------- torch reference ----------
@@ -237,7 +256,7 @@ def linear_sq_norms_triton(x: torch.Tensor, g: torch.Tensor, bias: bool, method:
         )
         return out
     if method == "ghost":
-        block_t = 64 if T > 32 else (32 if T > 16 else 16)
+        block_t = ghost_block_t(T)
         n_t = triton.cdiv(T, block_t)
         pairs = _upper_triangle_pairs(n_t, x.device)
         n_pairs = pairs.shape[0]
