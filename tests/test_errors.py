@@ -314,6 +314,21 @@ def test_batch_first_must_be_a_bool():
         _private(_mlp(), batch_first=1)
 
 
+def test_grad_scaler_is_refused_clearly():
+    """float16 loss scaling would clip at C / scale and skip steps on overflow (data-dependent):
+    GradScaler.step reaches DPOptimizer.step, which refuses it before touching anything."""
+    model, opt = _private(_mlp())
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler.scale(model(torch.randn(4, 7)).sum()).backward()
+    with pytest.raises(RuntimeError, match="does not support torch.amp.GradScaler"):
+        scaler.step(opt)
+    assert all(p.grad is None for p in model.parameters()) and opt.steps_taken == 0
+    assert not hasattr(opt, "grad_scale")  # nothing left behind: a plain step works afterwards
+    model(torch.randn(4, 7)).sum().backward()
+    opt.step()
+    assert opt.steps_taken == 1
+
+
 def test_batch_larger_than_expected_is_refused():
     """More examples than expected_batch_size can plausibly give (B̄ + 8√B̄ + 8) is refused at step."""
     model, opt = _private(_mlp())  # expected_batch_size=4 -> at most 28

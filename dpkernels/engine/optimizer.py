@@ -35,6 +35,10 @@ LOSS_REDUCTIONS = ("mean", "sum")
 class DPOptimizer(torch.optim.Optimizer):
     """A private view of ``optimizer``; param_groups, state and defaults are the wrapped ones."""
 
+    # GradScaler then hands this optimizer the loss scale (as .grad_scale) instead of trying to
+    # unscale gradients that do not exist before step(); step() refuses it with a clear message
+    _step_supports_amp_scaling = True
+
     def __init__(
         self,
         optimizer: torch.optim.Optimizer,
@@ -235,8 +239,21 @@ class DPOptimizer(torch.optim.Optimizer):
         self.collector.clear()
         self.steps_taken += 1
 
+    def _refuse_loss_scaling(self) -> None:
+        if getattr(self, "grad_scale", None) is not None:
+            self.collector.clear()
+            for attr in ("grad_scale", "found_inf"):  # the scaler's handshake; it cannot remove them after a raise
+                self.__dict__.pop(attr, None)
+            raise RuntimeError(
+                "DPOptimizer does not support torch.amp.GradScaler (float16 loss scaling): per-example norms of "
+                "the scaled loss would be clipped at C / scale, and an overflow would have to skip the step, "
+                "which depends on the data. Train in bfloat16 (torch.autocast(dtype=torch.bfloat16)), which needs "
+                "no scaler, and call optimizer.step() directly; no update was made"
+            )
+
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        self._refuse_loss_scaling()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -255,6 +272,7 @@ class DPOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def noise_only_step(self) -> None:
         """The step of an empty Poisson batch: every parameter's gradient is its noise alone."""
+        self._refuse_loss_scaling()
         if self.collector.records:
             raise RuntimeError("noise_only_step() called after a backward pass: call step() instead")
         self._check_param_groups()
