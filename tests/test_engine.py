@@ -662,3 +662,123 @@ def test_compiled_or_checkpointed_model_takes_the_same_private_step(wrap):
         wrapped = _two_steps(copy.deepcopy(base), lambda m: (lambda inp: checkpoint(m, inp, use_reentrant=False)), x)
     for a, b in zip(eager, wrapped):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------------ gradient accumulation ----
+
+
+def _accumulation_setup(device):
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(7, 13), nn.Tanh(), nn.Linear(13, 5)).to(device)
+    g = torch.Generator().manual_seed(9)
+    scale = torch.tensor([0.2, 1.0, 3.0, 0.5, 2.0, 0.1, 1.5]).view(7, 1, 1)
+    x = (torch.randn(7, 6, 7, generator=g) * scale).to(device)
+    t = torch.randn(7, 6, 5, generator=g).to(device)
+    return model, x, t
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("split", [(3, 4), (1, 5, 1), (7,)])
+def test_gradient_accumulation_equals_one_logical_batch(device, backend, reduction, split):
+    """accumulate() after every micro-batch but the last, then step(): the same gradient as one
+    step on the whole batch, noise included (the same Philox counters are drawn once)."""
+    base, x, t = _accumulation_setup(device)
+    per_example = model_per_example_grads(base, x, t, "sq")
+    _, norms = flat_clipped_mean(per_example, 1.0, 1.0)
+    C = pick_clip_norm(norms)
+
+    def run(chunks, sigma):
+        model = copy.deepcopy(base)
+        acc = FakeAccountant()
+        model, opt = private(model, noise_multiplier=sigma, max_grad_norm=C, expected_batch_size=6, seed=31,
+                             loss_reduction=reduction, backend=backend, accountant=acc, sample_rate=0.5)
+        for _ in range(2):  # two logical steps: the second starts from a clean running sum
+            opt.zero_grad()
+            start = 0
+            for i, n in enumerate(chunks):
+                batch_loss("sq", model(x[start:start + n]), t[start:start + n], reduction).backward()
+                start += n
+                if i + 1 < len(chunks):
+                    opt.accumulate()
+            opt.step()
+            grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+        assert len(acc.calls) == 2 and opt.steps_taken == 2  # accounted once per logical step
+        return model, grads
+
+    whole, g_whole = run((7,), 1.3)
+    split_model, g_split = run(split, 1.3)
+    for name in g_whole:
+        torch.testing.assert_close(g_split[name], g_whole[name], rtol=1e-5, atol=1e-6, msg=name)
+    # and without noise, against the oracle directly (first logical step = same initial weights)
+    model, opt = private(copy.deepcopy(base), max_grad_norm=C, expected_batch_size=6, loss_reduction=reduction,
+                         backend=backend)
+    start = 0
+    for i, n in enumerate(split):
+        batch_loss("sq", model(x[start:start + n]), t[start:start + n], reduction).backward()
+        start += n
+        (opt.accumulate if i + 1 < len(split) else opt.step)()
+    expected, _ = flat_clipped_mean(per_example, C, 6)
+    assert_grads_close(model, expected)
+
+
+def test_accumulation_misuse_is_refused():
+    base, x, t = _accumulation_setup("cpu")
+    model, opt = private(copy.deepcopy(base), noise_multiplier=1.0, expected_batch_size=4)
+    with pytest.raises(RuntimeError, match="accumulate\\(\\) called without a backward pass"):
+        opt.accumulate()
+    model(x[:3]).sum().backward()
+    opt.accumulate()
+    with pytest.raises(RuntimeError, match="noise_only_step\\(\\) called after a backward pass or accumulate"):
+        opt.noise_only_step()
+    opt.zero_grad()  # discards the running sum: nothing left to step on
+    with pytest.raises(RuntimeError, match="without a backward pass"):
+        opt.step()
+    # the examples of all micro-batches count against expected_batch_size (4 -> at most 28)
+    big = torch.randn(20, 7)
+    model(big).sum().backward()
+    opt.accumulate()
+    model(big).sum().backward()
+    with pytest.raises(ValueError, match="saw 40 examples"):
+        opt.accumulate()
+    assert opt._accumulated == {} and opt._accumulated_examples == 0  # the failure discarded everything
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_layer_used_only_in_an_earlier_micro_batch(backend, device):
+    """A layer absent from the last micro-batch still gets its accumulated sum plus its noise."""
+
+    class Branch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(6)
+            self.a = nn.Linear(7, 3)
+            self.b = nn.Linear(7, 3)
+
+        def forward(self, x, use_b):
+            return self.b(x) if use_b else self.a(x)
+
+    x = torch.randn(5, 7, generator=torch.Generator().manual_seed(2)).to(device)
+    m1 = Branch().to(device)
+    m2 = copy.deepcopy(m1)
+    m1, o1 = private(m1, noise_multiplier=0.9, max_grad_norm=0.4, expected_batch_size=5, seed=3, backend=backend)
+    m2, o2 = private(m2, noise_multiplier=0.9, max_grad_norm=0.4, expected_batch_size=5, seed=3, backend=backend)
+    m1(x[:2], True).square().sum().backward()
+    o1.accumulate()
+    m1(x[2:], False).square().sum().backward()
+    o1.step()
+    # the same examples through a model that runs both layers on their examples in one step
+    class Both(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            # examples 0-1 only reach b, 2-4 only reach a: zero rows of G for the others
+            mask = torch.zeros(5, 1, device=x.device)
+            mask[:2] = 1
+            return mask * self.inner.b(x) + (1 - mask) * self.inner.a(x)
+
+    Both(m2)(x).square().sum().backward()
+    o2.step()
+    for (n, p), (_, q) in zip(m1.named_parameters(), m2.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=n)

@@ -11,6 +11,13 @@ as c_i·s/B̄ and the noise standard deviation as σC/B̄, so no extra pass over
 made. B̄ is the expected batch size (Poisson sampling), not the realised one. The wrapped
 optimizer's own step then runs on these gradients.
 
+Gradient accumulation (a logical batch larger than what fits at once): after the backward of
+each micro-batch but the last, ``accumulate()`` clips that micro-batch's examples (their norms
+are complete: an example lives in one micro-batch) and adds Σ_i c_i s g_i / B̄ to a float32
+running sum, freeing the layers' (x, G). ``step()`` adds the last micro-batch, the noise once,
+and writes the gradients. The result equals one step on the whole logical batch, noise
+included (same counters).
+
 Noise is drawn from the Philox counter (seed, step, stream = parameter index): no two
 elements of any step share a draw, and a run is reproducible from its seed. The seed is
 never written into ``state_dict`` (it would let a checkpoint's reader subtract the noise).
@@ -73,6 +80,9 @@ class DPOptimizer(torch.optim.Optimizer):
         self.sample_rate = sample_rate
         self.check_finite = check_finite
         self.steps_taken = 0
+        # gradient accumulation: id(param) -> float32 Σ c_i s g_i / B̄ of the micro-batches so far
+        self._accumulated: Dict[int, torch.Tensor] = {}
+        self._accumulated_examples = 0
         self._optimizer_step_pre_hooks: Dict[int, Callable] = OrderedDict()
         self._optimizer_step_post_hooks: Dict[int, Callable] = OrderedDict()
 
@@ -116,9 +126,9 @@ class DPOptimizer(torch.optim.Optimizer):
         self.steps_taken = int(state_dict["steps_taken"])
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero the gradients and discard anything recorded by a backward not yet stepped."""
+        """Zero the gradients and discard anything recorded or accumulated since the last step."""
         self.original_optimizer.zero_grad(set_to_none=set_to_none)
-        self.collector.clear()
+        self._clear_step_state()
 
     # ---- the private step --------------------------------------------------------------
     @property
@@ -164,8 +174,8 @@ class DPOptimizer(torch.optim.Optimizer):
         return int(Bbar + 8 * math.sqrt(Bbar) + 8)
 
     def _check_batch_size(self) -> None:
-        B = self.collector.batch_size
-        if B is not None and B > self.max_plausible_batch_size():
+        B = self._accumulated_examples + (self.collector.batch_size or 0)
+        if B > self.max_plausible_batch_size():
             layout = "(B, *, d)" if self.collector.batch_first else "(T, B, *, d)"
             raise ValueError(
                 f"the DP layers saw {B} examples in one step but expected_batch_size is {self.expected_batch_size} "
@@ -192,25 +202,66 @@ class DPOptimizer(torch.optim.Optimizer):
 
     def write_private_grads(self) -> None:
         """Set every trainable parameter's .grad to its clipped, noised, averaged gradient."""
-        if not self.collector.records:
+        if not self.collector.records and not self._accumulated:
             raise RuntimeError(
                 "optimizer.step() called without a backward pass since the last step (or zero_grad() "
                 "discarded it); for an empty Poisson batch call optimizer.noise_only_step()"
             )
-        factors = self._clip_factors()
+        factors = self._clip_factors() if self.collector.records else None
         for _, module in self.dp_modules:
             params = self._trainable(module)
             if not params:
                 continue
             keys = {n: self._key(p, self._qualified(module, n)) for n, p in params}
+            partial = {n: self._accumulated.pop(id(p), None) for n, p in params}
+            accumulating = any(v is not None for v in partial.values())
             record = self.collector.records.get(self._name_of(module))
             if record is not None:
-                grads = module.dp_clipped_grads(record.payload, factors, self.noise_std, keys, self.backend)
+                grads = module.dp_clipped_grads(record.payload, factors, self.noise_std, keys, self.backend,
+                                                out_dtype=torch.float32 if accumulating else None)
                 record.payload = None  # free this layer's (x, G) before the next layer's gradient exists
-            else:  # the layer took no part in this forward: its per-example gradients are zero
-                grads = {n: self._noise_like(p, keys[n]) for n, p in params}
+            else:  # the layer took no part in this (micro-)batch: its per-example gradients are zero
+                grads = {n: self._noise_like(p, keys[n], torch.float32 if accumulating else None) for n, p in params}
             for n, p in params:
-                p.grad = grads[n]
+                g = grads[n]
+                if partial[n] is not None:
+                    g = partial[n].add_(g).to(p.dtype)
+                p.grad = g
+
+    def accumulate(self) -> None:
+        """Clip the examples of the backward just run and add them to this logical step's sum.
+
+        For gradient accumulation: call after the backward of every micro-batch except the last,
+        then ``step()`` after the last one. Examples are clipped with their own micro-batch's
+        norms (each example's gradient is complete there); the noise is drawn once, in
+        ``step()``. With loss_reduction="mean" each micro-batch's loss is the mean over that
+        micro-batch: do not divide it by the number of micro-batches. Frees the recorded
+        (x, G) of every layer; the running sum takes float32 memory the size of the parameters.
+        """
+        self._refuse_loss_scaling()
+        if not self.collector.records:
+            raise RuntimeError(
+                "optimizer.accumulate() called without a backward pass since the last step or accumulate()"
+            )
+        self._check_param_groups()
+        try:
+            factors = self._clip_factors()
+            for _, module in self.dp_modules:
+                params = self._trainable(module)
+                record = self.collector.records.get(self._name_of(module))
+                if not params or record is None:
+                    continue
+                keys = {n: self._key(p, self._qualified(module, n)) for n, p in params}  # no noise is drawn
+                grads = module.dp_clipped_grads(record.payload, factors, 0.0, keys, self.backend, out_dtype=torch.float32)
+                record.payload = None
+                for n, p in params:
+                    running = self._accumulated.get(id(p))
+                    self._accumulated[id(p)] = grads[n] if running is None else running.add_(grads[n])
+            self._accumulated_examples += self.collector.batch_size
+            self.collector.clear()
+        except BaseException:
+            self._discard()  # a half-added micro-batch must not survive into a step
+            raise
 
     def _name_of(self, module: nn.Module) -> str:
         return self.collector.for_module(module).name
@@ -219,13 +270,18 @@ class DPOptimizer(torch.optim.Optimizer):
         prefix = self._name_of(module)
         return f"{prefix}.{param_name}" if prefix else param_name
 
-    def _noise_like(self, p: torch.Tensor, key: PhiloxKey) -> torch.Tensor:
+    def _noise_like(self, p: torch.Tensor, key: PhiloxKey, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         return functional.gaussian_noise(
-            p.shape, std=self.noise_std, generator=key, device=p.device, dtype=p.dtype, backend=self.backend
+            p.shape, std=self.noise_std, generator=key, device=p.device, dtype=dtype or p.dtype, backend=self.backend
         )
 
-    def _discard(self) -> None:
+    def _clear_step_state(self) -> None:
         self.collector.clear()
+        self._accumulated = {}
+        self._accumulated_examples = 0
+
+    def _discard(self) -> None:
+        self._clear_step_state()
         for _, module in self.dp_modules:
             for _, p in self._trainable(module):
                 p.grad = None
@@ -236,7 +292,7 @@ class DPOptimizer(torch.optim.Optimizer):
             self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate, steps=1)
 
     def _finish_step(self) -> None:
-        self.collector.clear()
+        self._clear_step_state()
         self.steps_taken += 1
 
     def _refuse_loss_scaling(self) -> None:
@@ -273,8 +329,8 @@ class DPOptimizer(torch.optim.Optimizer):
     def noise_only_step(self) -> None:
         """The step of an empty Poisson batch: every parameter's gradient is its noise alone."""
         self._refuse_loss_scaling()
-        if self.collector.records:
-            raise RuntimeError("noise_only_step() called after a backward pass: call step() instead")
+        if self.collector.records or self._accumulated:
+            raise RuntimeError("noise_only_step() called after a backward pass or accumulate(): call step() instead")
         self._check_param_groups()
         for _, module in self.dp_modules:
             for n, p in self._trainable(module):

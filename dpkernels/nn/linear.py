@@ -79,6 +79,7 @@ class DPLinear(nn.Linear, DPModule):
         noise_std: float,
         keys: Dict[str, PhiloxKey],
         backend: Optional[str],
+        out_dtype: Optional[torch.dtype] = None,
     ) -> Dict[str, torch.Tensor]:
         x, grad_output = payload
         with_bias = self._bias_trainable()
@@ -86,7 +87,7 @@ class DPLinear(nn.Linear, DPModule):
             raise RuntimeError("internal: the bias noise stream must follow the weight's (stream + 1)")
         grad_w, grad_b = functional.linear_clipped_grad(
             x, grad_output, clip_factors, bias=with_bias,
-            noise_std=noise_std, generator=keys["weight"], backend=backend, out_dtype=self.weight.dtype,
+            noise_std=noise_std, generator=keys["weight"], backend=backend, out_dtype=out_dtype or self.weight.dtype,
         )
         grads = {"weight": grad_w}
         if grad_b is not None:

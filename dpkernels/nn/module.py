@@ -40,6 +40,8 @@ class DPModule:
         noise_std: float,
         keys: Dict[str, PhiloxKey],
         backend: Optional[str],
+        out_dtype: Optional[torch.dtype] = None,
     ) -> Dict[str, torch.Tensor]:
-        """Gradients (by parameter name) = Σ_i clip_factors_i g_i + noise_std·z, from ``payload``."""
+        """Gradients (by parameter name) = Σ_i clip_factors_i g_i + noise_std·z, from ``payload``,
+        in ``out_dtype`` (default: each parameter's dtype), accumulated in float32."""
         raise NotImplementedError
