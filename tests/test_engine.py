@@ -726,8 +726,10 @@ def test_accumulation_misuse_is_refused():
     model, opt = private(copy.deepcopy(base), noise_multiplier=1.0, expected_batch_size=4)
     with pytest.raises(RuntimeError, match="accumulate\\(\\) called without a backward pass"):
         opt.accumulate()
-    model(x[:3]).sum().backward()
+    model(x[:3].requires_grad_()).sum().backward()
     opt.accumulate()
+    # the running sums hold no autograd graph (which would keep the recorded inputs alive)
+    assert all(v.grad_fn is None and not v.requires_grad for v in opt._accumulated.values())
     with pytest.raises(RuntimeError, match="noise_only_step\\(\\) called after a backward pass or accumulate"):
         opt.noise_only_step()
     opt.zero_grad()  # discards the running sum: nothing left to step on

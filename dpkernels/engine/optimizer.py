@@ -228,6 +228,7 @@ class DPOptimizer(torch.optim.Optimizer):
                     g = partial[n].add_(g).to(p.dtype)
                 p.grad = g
 
+    @torch.no_grad()  # the recorded x may require grad: no graph may tie the running sum to it
     def accumulate(self) -> None:
         """Clip the examples of the backward just run and add them to this logical step's sum.
 
