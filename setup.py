@@ -50,7 +50,7 @@ setup(
     extras_require={
         "triton": ["triton>=3.0"],
         "demo": ["scikit-learn>=1.0"],
-        "test": ["pytest>=7", "scikit-learn>=1.0", "dp-accounting>=0.4", "triton>=3.0"],
+        "test": ["pytest>=7", "scikit-learn>=1.0", "dp-accounting>=0.4", "triton>=3.0", "opacus>=1.5"],
         "bench": ["matplotlib>=3.5", "opacus>=1.5"],
     },
     ext_modules=ext_modules,
