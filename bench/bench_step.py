@@ -11,6 +11,8 @@ Modes, all in one process, each on a freshly built model with the same initial w
     opacus_hooks   Opacus PrivacyEngine.make_private(grad_sample_mode="hooks")
     opacus_ghost   Opacus PrivacyEngine.make_private(grad_sample_mode="ghost") (ghost clipping,
                    two backward passes packaged in the returned criterion's loss.backward())
+    opacus_ghost_fused  the same with its nn.Linear norms from dpkernels' fused kernels
+                   (dpkernels.integrations.opacus.use_fused_norms)
     dpkernels      dpkernels.make_private (one backward, fused norms and clipped sum)
 Every private mode does flat clipping at C = --max-grad-norm with noise multiplier --sigma.
 
@@ -52,7 +54,7 @@ import torch.nn as nn  # noqa: E402
 for _msg in ("Secure RNG turned off", "Full backward hook is firing", "There is a performance drop"):
     warnings.filterwarnings("ignore", message=_msg)
 
-MODES = ["non_private", "naive", "opacus_hooks", "opacus_ghost", "dpkernels"]
+MODES = ["non_private", "naive", "opacus_hooks", "opacus_ghost", "opacus_ghost_fused", "dpkernels"]
 PRIVATE = [m for m in MODES if m != "non_private"]
 
 WORKLOADS = {
@@ -219,6 +221,23 @@ def build_opacus_ghost(w: Workload):
     return step, _opacus_set_noise(w, dp_opt), (gs_model, dp_opt, dp_criterion, engine, x, y), gs_model
 
 
+def build_opacus_ghost_fused(w: Workload):
+    """Opacus ghost clipping with its nn.Linear norms computed by dpkernels' fused kernels
+    (dpkernels.integrations.opacus); switched on only around this mode's own steps."""
+    import dpkernels.integrations.opacus as dpk_opacus
+
+    ghost_step, set_noise, keep, model = build_opacus_ghost(w)
+
+    def step():
+        dpk_opacus.use_fused_norms(backend=w.args.dp_backend)
+        try:
+            ghost_step()
+        finally:
+            dpk_opacus.restore_opacus_norms()
+
+    return step, set_noise, keep, model
+
+
 def build_dpkernels(w: Workload):
     import dpkernels
 
@@ -249,6 +268,7 @@ BUILDERS: Dict[str, Callable] = {
     "naive": build_naive,
     "opacus_hooks": build_opacus_hooks,
     "opacus_ghost": build_opacus_ghost,
+    "opacus_ghost_fused": build_opacus_ghost_fused,
     "dpkernels": build_dpkernels,
 }
 

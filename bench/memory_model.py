@@ -44,7 +44,7 @@ from bench import bench_step, common, models  # noqa: E402
 from bench.common import fmt_bytes, md_table  # noqa: E402
 
 BLOCK = 512  # the CUDA caching allocator rounds every request up to a multiple of 512 bytes
-MODES = ["non_private", "naive", "opacus_hooks", "opacus_ghost", "dpkernels"]
+MODES = bench_step.MODES
 
 
 def _rounded(nbytes: int) -> int:
