@@ -247,7 +247,7 @@ def build_dpkernels(w: Workload):
     model, dp_opt = dpkernels.make_private(
         model, opt, noise_multiplier=w.args.sigma, max_grad_norm=w.args.max_grad_norm,
         expected_batch_size=w.B, loss_reduction="mean", seed=w.args.seed + 7,
-        norm_method=w.args.norm_method, backend=w.args.dp_backend,
+        norm_method=w.args.norm_method, backend=w.args.dp_backend, clipping=getattr(w.args, "clipping", "flat"),
     )
 
     def step():
@@ -394,7 +394,8 @@ def run_workload(name: str, kind: str, cfg, dtype_opt: str, device: torch.device
 def render(results: List[Dict[str, Any]], args) -> str:
     parts = [
         f"Flat clipping C={args.max_grad_norm}, noise multiplier σ={args.sigma}, optimizer {args.optimizer}, "
-        f"dpkernels backend {args.dp_backend or 'auto'}, norm method {args.norm_method}. ms/step: median over "
+        f"dpkernels backend {args.dp_backend or 'auto'}, norm method {args.norm_method}, dpkernels clipping "
+        f"{args.clipping}. ms/step: median over "
         f"{args.steps} timed steps after {args.warmup} warm-up ({args.clock} around each whole step). "
         "Peak: max memory allocated during the timed steps (steady state after warm-up, so Triton's "
         "autotuning is not counted; parameters, optimizer state, batch and activations included). Ratios are to non-private on the same model and dtype. "
@@ -427,6 +428,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--sigma", type=float, default=1.0, help="noise multiplier")
     ap.add_argument("--max-grad-norm", type=float, default=1.0)
     ap.add_argument("--norm-method", default="auto", choices=["auto", "ghost", "direct"])
+    ap.add_argument("--clipping", default="flat", choices=["flat", "automatic", "per_layer"],
+                    help="dpkernels clipping style (the other engines always clip flat)")
     ap.add_argument("--dp-backend", default=None, help="dpkernels backend (default auto; smoke: triton "
                     "under TRITON_INTERPRET=1, else torch)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps (>= 20 on a GPU)")

@@ -132,7 +132,7 @@ def _step_args(args: argparse.Namespace) -> argparse.Namespace:
     """The arguments bench_step's mode builders read, for a meta-device run."""
     return argparse.Namespace(
         seed=0, optimizer=args.optimizer, sigma=1.0, max_grad_norm=1.0, norm_method=args.norm_method,
-        dp_backend="triton", check=False,
+        dp_backend="triton", check=False, clipping=getattr(args, "clipping", "flat"),
     )
 
 
@@ -182,7 +182,7 @@ def run(workloads: Dict[str, Tuple[str, Any]], args: argparse.Namespace) -> List
 def render(results: List[Dict[str, Any]], args: argparse.Namespace) -> str:
     parts = [
         f"Predicted peak memory of one training step (optimizer {args.optimizer}, dpkernels norm method "
-        f"{args.norm_method}), from a meta-device run counting live tensor storages in 512-byte blocks "
+        f"{args.norm_method}, dpkernels clipping {args.clipping}), from a meta-device run counting live tensor storages in 512-byte blocks "
         "(bench/memory_model.py explains what it models and what it does not). 'resident': between two "
         "steps (parameters, gradients, optimizer state, batch); 'peak': the maximum during a step after "
         "two warm-up steps. A prediction, not a GPU measurement.\n"
@@ -207,6 +207,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     ap.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
     ap.add_argument("--norm-method", default="auto", choices=["auto", "ghost", "direct"])
+    ap.add_argument("--clipping", default="flat", choices=["flat", "automatic", "per_layer"],
+                    help="dpkernels clipping style (the other engines always clip flat)")
     ap.add_argument("--out-dir", default=None, help="result folder (default bench/results/; smoke: /tmp)")
     ap.add_argument("--timeline", action="store_true", help="print live memory after each op of the measured step")
     args = ap.parse_args(argv)
@@ -224,11 +226,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             r.pop("timeline", None)
     md = render(results, args)
     env = common.env_record(torch.device("cpu"), script="memory_model", optimizer=args.optimizer,
-                            norm_method=args.norm_method, smoke=args.smoke)
+                            norm_method=args.norm_method, clipping=args.clipping, smoke=args.smoke)
     env.update(device="meta (predicted; no GPU involved)", device_tag="meta")
     out_dir = Path(args.out_dir) if args.out_dir else (common.SMOKE_DIR if args.smoke else common.RESULTS)
     out_dir.mkdir(parents=True, exist_ok=True)
-    name = "memory_model" + ("" if args.optimizer == "sgd" else f"_{args.optimizer}")
+    name = "memory_model" + ("" if args.optimizer == "sgd" else f"_{args.optimizer}") + (
+        "" if args.clipping == "flat" else f"_{args.clipping}")
     stem = out_dir / f"{name}-meta-{common.today()}"
     doc = {"environment": env, "results": results}
     stem.with_suffix(".json").write_text(json.dumps(doc, indent=1, default=str) + "\n")

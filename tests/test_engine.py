@@ -784,3 +784,142 @@ def test_layer_used_only_in_an_earlier_micro_batch(backend, device):
     o2.step()
     for (n, p), (_, q) in zip(m1.named_parameters(), m2.named_parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=n)
+
+
+# ------------------------------------------------------------------ clipping styles ---------
+
+
+def _three_layers(device):
+    torch.manual_seed(8)
+    return nn.Sequential(nn.Linear(7, 13), nn.Tanh(), nn.Linear(13, 11), nn.Tanh(), nn.Linear(11, 5)).to(device)
+
+
+def grouped_clipped_mean(per_example: dict, groups: list, thresholds: list, denom: float,
+                         automatic_gamma: float = None) -> dict:
+    """Oracle for every style: per group k (a list of layer names), c_i = min(1, C_k/(‖g_i^(k)‖+1e-6))
+    or, automatic, C_k/(‖g_i^(k)‖+γ); each group's parameters get Σ_i c_i g_i / denom."""
+    out = {}
+    for members, C in zip(groups, thresholds):
+        names = [n for n in per_example if n.rsplit(".", 1)[0] in members]
+        B = per_example[names[0]].shape[0]
+        norms = sum(per_example[n].reshape(B, -1).square().sum(1) for n in names).sqrt()
+        if automatic_gamma is None:
+            c = (C / (norms + 1e-6)).clamp(max=1.0)
+        else:
+            c = C / (norms + automatic_gamma)
+        for n in names:
+            out[n] = torch.einsum("i,i...->...", c, per_example[n]) / denom
+    return out
+
+
+STYLE_CASES = {
+    # style: (groups for the oracle, make_private kwargs builder)
+    "per_layer": [["0"], ["2"], ["4"]],
+    "group": [["0", "4"], ["2"]],
+    "automatic": [["0", "2", "4"]],
+}
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("thresholds", ["one", "list"])
+@pytest.mark.parametrize("style", list(STYLE_CASES))
+def test_clipping_styles_equal_oracle(device, backend, style, thresholds, reduction):
+    base = _three_layers(device)
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(6, 5, 7, generator=g) * torch.linspace(0.1, 3.0, 6).view(6, 1, 1)).to(device)
+    t = torch.randn(6, 5, 5, generator=g).to(device)
+    per_example = model_per_example_grads(base, x, t, "sq")
+    groups = STYLE_CASES[style]
+    if style == "automatic" and thresholds == "list":
+        pytest.skip("automatic clipping is flat: one threshold")
+    C_total = 0.8
+    if thresholds == "one":
+        per_group = [C_total / math.sqrt(len(groups))] * len(groups)
+        arg = C_total
+    else:
+        per_group = [0.3 * (k + 1) for k in range(len(groups))]
+        arg = per_group
+    expected = grouped_clipped_mean(per_example, groups, per_group, 6,
+                                    automatic_gamma=0.05 if style == "automatic" else None)
+    kw = dict(clipping=style, max_grad_norm=arg, expected_batch_size=6, loss_reduction=reduction, backend=backend)
+    if style == "group":
+        kw["groups"] = groups
+    if style == "automatic":
+        kw["auto_clip_gamma"] = 0.05
+    model, opt = private(copy.deepcopy(base), **kw)
+    assert opt.max_grad_norm == pytest.approx(math.sqrt(sum(c * c for c in per_group)))
+    batch_loss("sq", model(x), t, reduction).backward()
+    if style == "per_layer":  # clipped inside backward: nothing of (x, G) is kept until the step
+        assert all(r.payload is None for r in opt.collector.records.values())
+        assert len(opt._accumulated) == 6
+    opt.step()
+    assert_grads_close(model, expected)
+    # some examples were clipped and some not in at least one group (the test means something)
+    if style != "automatic":
+        B = 6
+        norms = [sum(per_example[f"{m}.{w}"].reshape(B, -1).square().sum(1) for m in grp for w in ("weight", "bias")).sqrt()
+                 for grp in groups]
+        assert any(bool((n > C).any()) for n, C in zip(norms, per_group))
+
+
+def test_clipping_style_noise_is_scaled_to_total_sensitivity(device, backend):
+    """Noise σ·sqrt(Σ C_k²)/B̄, the same Philox draws as flat clipping with that C."""
+    base = _three_layers(device)
+    x = torch.randn(4, 7, generator=torch.Generator().manual_seed(1)).to(device)
+    thresholds = [0.3, 0.4, 1.2]  # total 1.3
+    runs = {}
+    for style, mgn in (("per_layer", thresholds), ("flat", 1.3)):
+        for sigma in (0.0, 2.0):
+            model, opt = private(copy.deepcopy(base), clipping=style, max_grad_norm=mgn, noise_multiplier=sigma,
+                                 expected_batch_size=4, seed=77, backend=backend)
+            model(x).square().sum().backward()
+            opt.step()
+            runs[style, sigma] = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    assert opt.noise_std == pytest.approx(2.0 * 1.3 / 4)
+    for n in runs["flat", 0.0]:
+        noise_layer = runs["per_layer", 2.0][n] - runs["per_layer", 0.0][n]
+        noise_flat = runs["flat", 2.0][n] - runs["flat", 0.0][n]
+        torch.testing.assert_close(noise_layer, noise_flat, rtol=1e-4, atol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("split", [(2, 3), (1, 1, 3)])
+def test_per_layer_clipping_with_accumulation(device, backend, split):
+    base = _three_layers(device)
+    x = torch.randn(5, 4, 7, generator=torch.Generator().manual_seed(12)).to(device)
+
+    def run(chunks):
+        model, opt = private(copy.deepcopy(base), clipping="per_layer", max_grad_norm=0.5, noise_multiplier=1.1,
+                             expected_batch_size=5, seed=9, backend=backend)
+        start = 0
+        for i, n in enumerate(chunks):
+            model(x[start:start + n]).square().mean().backward()
+            start += n
+            if i + 1 < len(chunks):
+                opt.accumulate()
+        opt.step()
+        return {n: p.grad for n, p in model.named_parameters()}
+
+    whole, parts = run((5,)), run(split)
+    for n in whole:
+        torch.testing.assert_close(parts[n], whole[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(clipping="layerwise"), "clipping must be one of"),
+    (dict(clipping="group"), "needs groups="),
+    (dict(clipping="group", groups=[["0"]]), "in no clipping group"),
+    (dict(clipping="group", groups=[["0", "2"], ["2"]]), "is in clipping groups 0 and 1"),
+    (dict(clipping="group", groups=[["0", "2"], ["x"]]), "names 'x', which is not a DP layer"),
+    (dict(clipping="group", groups=[["0", "2"], []]), "group 1 is empty"),
+    (dict(clipping="per_layer", max_grad_norm=[1.0]), "1 thresholds for 2 clipping groups"),
+    (dict(clipping="flat", max_grad_norm=[1.0, 1.0]), "takes one max_grad_norm"),
+    (dict(clipping="per_layer", max_grad_norm=[1.0, -1.0]), "max_grad_norm must be a finite number > 0"),
+    (dict(clipping="flat", groups=[["0"], ["2"]]), "groups= is for clipping='group'"),
+    (dict(clipping="automatic", auto_clip_gamma=0.0), "auto_clip_gamma must be"),
+])
+def test_clipping_style_errors(kwargs, match):
+    model = nn.Sequential(nn.Linear(7, 9), nn.Tanh(), nn.Linear(9, 4))
+    kw = dict(max_grad_norm=1.0)
+    kw.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        private(model, **kw)

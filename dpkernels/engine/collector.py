@@ -3,11 +3,12 @@
 Each DP module's autograd function calls ``record`` once per step with the tensors its
 clipped-sum pass will need (for a linear layer: x and G). ``record`` computes the layer's
 per-example squared norms right away (the fused norm kernels) and keeps the payload until
-``DPOptimizer.step`` turns everything into clipped, noised gradients.
+``DPOptimizer.step`` turns everything into clipped, noised gradients. Under per-layer clipping
+the optimizer's ``sink`` clips each layer as soon as it is recorded and frees its payload.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Optional
 
 import torch
 import torch.nn as nn
@@ -32,7 +33,10 @@ class ModuleCollector:
 
     def record(self, payload: Any, *norm_inputs: torch.Tensor) -> None:
         sq_norms = self.module.dp_sq_norms(*norm_inputs, method=self.step.norm_method, backend=self.step.backend)
-        self.step.add(self.name, LayerRecord(self.module, payload, sq_norms))
+        record = LayerRecord(self.module, payload, sq_norms)
+        self.step.add(self.name, record)
+        if self.step.sink is not None:  # per-layer clipping: clipped now, the payload freed
+            self.step.sink(self.name, record)
 
 
 class StepCollector:
@@ -47,6 +51,8 @@ class StepCollector:
         self._handles = {m: ModuleCollector(self, m, n) for m, n in module_names.items()}
         self.records: Dict[str, LayerRecord] = {}
         self.batch_size: Optional[int] = None
+        # set by the optimizer when it clips each layer inside backward (per-layer clipping)
+        self.sink: Optional[Callable[[str, LayerRecord], None]] = None
 
     def for_module(self, module: nn.Module) -> ModuleCollector:
         return self._handles[module]
@@ -68,12 +74,6 @@ class StepCollector:
                 f"(batch_first={self.batch_first})"
             )
         self.records[name] = record
-
-    def total_sq_norms(self) -> Tuple[torch.Tensor, List[str]]:
-        """Σ over layers of the per-example squared norms (float32, (B,)) and the layer names."""
-        names = list(self.records)
-        total = torch.stack([self.records[n].sq_norms for n in names]).sum(dim=0)
-        return total, names
 
     def clear(self) -> None:
         self.records = {}

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import secrets
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -12,6 +12,7 @@ from ..nn.convert import convert
 from ..nn.linear import DPLinear
 from ..nn.module import DPModule
 from ..ops.linear_sq_norms import METHODS
+from .clipping import make_plan
 from .collector import StepCollector
 from .optimizer import LOSS_REDUCTIONS, DPOptimizer
 
@@ -85,11 +86,12 @@ def _guard_param(name: str) -> Any:
     return hook
 
 
-def _validate_numbers(noise_multiplier: float, max_grad_norm: float, expected_batch_size: int, loss_reduction: str) -> None:
+def _validate_numbers(noise_multiplier: float, max_grad_norm: Any, expected_batch_size: int, loss_reduction: str) -> None:
     if not (isinstance(noise_multiplier, (int, float)) and math.isfinite(noise_multiplier) and noise_multiplier >= 0):
         raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}")
-    if not (isinstance(max_grad_norm, (int, float)) and math.isfinite(max_grad_norm) and max_grad_norm > 0):
-        raise ValueError(f"max_grad_norm must be a finite number > 0, got {max_grad_norm!r}")
+    thresholds = list(max_grad_norm) if isinstance(max_grad_norm, (list, tuple)) else [max_grad_norm]
+    if not thresholds or not all(isinstance(c, (int, float)) and math.isfinite(c) and c > 0 for c in thresholds):
+        raise ValueError(f"max_grad_norm must be a finite number > 0 (or a list of them), got {max_grad_norm!r}")
     if not (isinstance(expected_batch_size, int) and expected_batch_size > 0):
         raise ValueError(f"expected_batch_size must be a positive int, got {expected_batch_size!r}")
     if loss_reduction not in LOSS_REDUCTIONS:
@@ -101,7 +103,7 @@ def make_private(
     optimizer: torch.optim.Optimizer,
     *,
     noise_multiplier: float,
-    max_grad_norm: float,
+    max_grad_norm: Union[float, Sequence[float]],
     expected_batch_size: int,
     loss_reduction: str = "mean",
     seed: Optional[int] = None,
@@ -111,8 +113,11 @@ def make_private(
     sample_rate: Optional[float] = None,
     check_finite: bool = True,
     batch_first: bool = True,
+    clipping: str = "flat",
+    groups: Optional[Sequence[Sequence[str]]] = None,
+    auto_clip_gamma: float = 0.01,
 ) -> Tuple[nn.Module, DPOptimizer]:
-    """Make ``loss.backward(); optimizer.step()`` one DP-SGD step with flat clipping.
+    """Make ``loss.backward(); optimizer.step()`` one DP-SGD step with per-example clipping.
 
     The model's nn.Linear layers become DPLinear (sharing their parameters, in place); any other
     trainable parameter is refused with an error naming its module, as is an optimizer that
@@ -135,6 +140,14 @@ def make_private(
     wrong clips positions instead of examples, which is not private: as a safeguard, a step
     whose layers report more examples than ``expected_batch_size`` can plausibly produce
     (more than B̄ + 8√B̄ + 8) is refused.
+
+    ``clipping`` (see ``dpkernels.engine.clipping``): "flat" (default: one norm over every
+    layer), "automatic" (flat, c_i = C / (‖g_i‖ + ``auto_clip_gamma``)), "per_layer" (each DP
+    layer clipped by its own norm, inside backward: no (x, G) is kept until the step) or
+    "group" (``groups``: lists of DP layer names, every layer in exactly one). A single
+    ``max_grad_norm`` C is split evenly over the K groups (C_k = C/√K); a list gives each C_k.
+    Either way every example's clipped gradient has norm at most sqrt(Σ C_k²), and the noise
+    is σ times that.
     """
     _validate_numbers(noise_multiplier, max_grad_norm, expected_batch_size, loss_reduction)
     if not isinstance(batch_first, bool):
@@ -168,6 +181,8 @@ def make_private(
                 streams[id(p)] = len(streams)
                 param_names[id(p)] = f"{mod_name}.{n}" if mod_name else n
     _check_optimizer(optimizer, model, param_names)
+    trainable_layers = [n for n, m in dp_modules if any(p.requires_grad for p in m.parameters(recurse=False))]
+    plan = make_plan(clipping, trainable_layers, max_grad_norm, groups, auto_clip_gamma)
 
     collector = StepCollector({m: n for n, m in dp_modules}, norm_method, backend, batch_first=batch_first)
     for _, module in dp_modules:
@@ -191,5 +206,6 @@ def make_private(
         accountant=accountant,
         sample_rate=sample_rate,
         check_finite=check_finite,
+        clipping=plan,
     )
     return model, dp_optimizer

@@ -33,8 +33,8 @@ import torch.nn as nn
 
 from .. import functional
 from ..ops.philox import PhiloxKey
-from .clipping import flat_clip_factors
-from .collector import StepCollector
+from .clipping import ClippingPlan, make_plan
+from .collector import LayerRecord, StepCollector
 
 LOSS_REDUCTIONS = ("mean", "sum")
 
@@ -63,6 +63,7 @@ class DPOptimizer(torch.optim.Optimizer):
         accountant: Any = None,
         sample_rate: Optional[float] = None,
         check_finite: bool = True,
+        clipping: Optional[ClippingPlan] = None,
     ) -> None:
         # Deliberately no super().__init__: this object owns no parameters of its own.
         self.original_optimizer = optimizer
@@ -71,7 +72,10 @@ class DPOptimizer(torch.optim.Optimizer):
         self._param_names = param_names
         self.collector = collector
         self.noise_multiplier = float(noise_multiplier)
-        self.max_grad_norm = float(max_grad_norm)
+        if clipping is None:
+            clipping = make_plan("flat", [collector.for_module(m).name for _, m in modules], max_grad_norm)
+        self.clipping = clipping
+        self.max_grad_norm = clipping.total_norm  # the sensitivity C = sqrt(Σ_k C_k²) the noise is scaled to
         self.expected_batch_size = int(expected_batch_size)
         self.loss_reduction = loss_reduction
         self._seed = seed
@@ -85,6 +89,8 @@ class DPOptimizer(torch.optim.Optimizer):
         self._accumulated_examples = 0
         self._optimizer_step_pre_hooks: Dict[int, Callable] = OrderedDict()
         self._optimizer_step_post_hooks: Dict[int, Callable] = OrderedDict()
+        if clipping.clips_in_backward:
+            collector.sink = self._clip_in_backward
 
     # ---- the wrapped optimizer's state -------------------------------------------------
     @property
@@ -185,20 +191,65 @@ class DPOptimizer(torch.optim.Optimizer):
                 "position instead of per example would not be private; no update was made"
             )
 
-    def _clip_factors(self) -> torch.Tensor:
+    def _clip_factors(self, records: Dict[str, LayerRecord]) -> Dict[int, torch.Tensor]:
+        """Clip factors of each clipping group among ``records``' layers, times s/B̄ (the loss
+        scale and the average), ready for the fused kernels."""
         self._check_batch_size()
-        total, names = self.collector.total_sq_norms()
         scale = float(self.collector.batch_size) if self.loss_reduction == "mean" else 1.0
-        if self.check_finite and not bool(torch.isfinite(total).all()):
-            for name in names:
-                bad = ~torch.isfinite(self.collector.records[name].sq_norms)
+        group_sq: Dict[int, torch.Tensor] = {}
+        for name, record in records.items():
+            k = self.clipping.group_of.get(name)
+            if k is None:
+                params = ", ".join(f"'{self._qualified(record.module, n)}'" for n, _ in self._trainable(record.module))
+                raise RuntimeError(
+                    f"parameters {params} of DP layer '{name}' were frozen when make_private ran and are trainable "
+                    "now: they have no clipping path; unfreeze before make_private"
+                )
+            group_sq[k] = record.sq_norms if k not in group_sq else group_sq[k] + record.sq_norms
+        if self.check_finite and not bool(torch.isfinite(torch.stack(list(group_sq.values()))).all()):
+            for name, record in records.items():
+                bad = ~torch.isfinite(record.sq_norms)
                 if bool(bad.any()):
                     idx = bad.nonzero().flatten()[:8].tolist()
                     raise FloatingPointError(
                         f"non-finite per-example gradient norm in DP layer '{name}' (examples {idx}): "
                         "the loss or activations produced NaN/Inf; no update was made"
                     )
-        return flat_clip_factors(total * scale**2, self.max_grad_norm) * (scale / self.expected_batch_size)
+        return {
+            k: self.clipping.factors(k, sq * scale**2) * (scale / self.expected_batch_size)
+            for k, sq in group_sq.items()
+        }
+
+    def _clipped_sum(self, module: nn.Module, record: LayerRecord, factors: Dict[int, torch.Tensor],
+                     noise_std: float, out_dtype: Optional[torch.dtype]) -> Dict[str, torch.Tensor]:
+        """The module's Σ_i c_i s g_i / B̄ (+ noise) from its record, whose (x, G) it then frees."""
+        params = self._trainable(module)
+        keys = {n: self._key(p, self._qualified(module, n)) for n, p in params}
+        group = self.clipping.group_of[self._name_of(module)]
+        grads = module.dp_clipped_grads(record.payload, factors[group], noise_std, keys, self.backend,
+                                        out_dtype=out_dtype)
+        record.payload = None  # free this layer's (x, G) before the next layer's gradient exists
+        return grads
+
+    def _add_to_running_sum(self, module: nn.Module, grads: Dict[str, torch.Tensor]) -> None:
+        for n, p in self._trainable(module):
+            running = self._accumulated.get(id(p))
+            self._accumulated[id(p)] = grads[n] if running is None else running.add_(grads[n])
+
+    @torch.no_grad()
+    def _clip_in_backward(self, name: str, record: LayerRecord) -> None:
+        """Per-layer clipping: clip this layer's examples as soon as its norms exist (called by the
+        collector inside backward) and keep only the running sum, not (x, G)."""
+        module = record.module
+        try:
+            if not self._trainable(module):
+                record.payload = None
+                return
+            factors = self._clip_factors({name: record})
+            self._add_to_running_sum(module, self._clipped_sum(module, record, factors, 0.0, torch.float32))
+        except BaseException:
+            self._discard()
+            raise
 
     def write_private_grads(self) -> None:
         """Set every trainable parameter's .grad to its clipped, noised, averaged gradient."""
@@ -207,21 +258,21 @@ class DPOptimizer(torch.optim.Optimizer):
                 "optimizer.step() called without a backward pass since the last step (or zero_grad() "
                 "discarded it); for an empty Poisson batch call optimizer.noise_only_step()"
             )
-        factors = self._clip_factors() if self.collector.records else None
+        pending = {n: r for n, r in self.collector.records.items() if r.payload is not None}
+        factors = self._clip_factors(pending) if pending else {}
+        if not pending:
+            self._check_batch_size()
         for _, module in self.dp_modules:
             params = self._trainable(module)
             if not params:
                 continue
-            keys = {n: self._key(p, self._qualified(module, n)) for n, p in params}
             partial = {n: self._accumulated.pop(id(p), None) for n, p in params}
-            accumulating = any(v is not None for v in partial.values())
-            record = self.collector.records.get(self._name_of(module))
+            out_dtype = torch.float32 if any(v is not None for v in partial.values()) else None
+            record = pending.get(self._name_of(module))
             if record is not None:
-                grads = module.dp_clipped_grads(record.payload, factors, self.noise_std, keys, self.backend,
-                                                out_dtype=torch.float32 if accumulating else None)
-                record.payload = None  # free this layer's (x, G) before the next layer's gradient exists
-            else:  # the layer took no part in this (micro-)batch: its per-example gradients are zero
-                grads = {n: self._noise_like(p, keys[n], torch.float32 if accumulating else None) for n, p in params}
+                grads = self._clipped_sum(module, record, factors, self.noise_std, out_dtype)
+            else:  # clipped already (accumulate(), per-layer clipping) or absent from this batch: noise
+                grads = {n: self._noise_like(p, self._key(p, self._qualified(module, n)), out_dtype) for n, p in params}
             for n, p in params:
                 g = grads[n]
                 if partial[n] is not None:
@@ -246,18 +297,15 @@ class DPOptimizer(torch.optim.Optimizer):
             )
         self._check_param_groups()
         try:
-            factors = self._clip_factors()
-            for _, module in self.dp_modules:
-                params = self._trainable(module)
-                record = self.collector.records.get(self._name_of(module))
-                if not params or record is None:
-                    continue
-                keys = {n: self._key(p, self._qualified(module, n)) for n, p in params}  # no noise is drawn
-                grads = module.dp_clipped_grads(record.payload, factors, 0.0, keys, self.backend, out_dtype=torch.float32)
-                record.payload = None
-                for n, p in params:
-                    running = self._accumulated.get(id(p))
-                    self._accumulated[id(p)] = grads[n] if running is None else running.add_(grads[n])
+            pending = {n: r for n, r in self.collector.records.items() if r.payload is not None}
+            if pending:
+                factors = self._clip_factors(pending)
+                for _, module in self.dp_modules:
+                    record = pending.get(self._name_of(module))
+                    if record is not None and self._trainable(module):
+                        self._add_to_running_sum(module, self._clipped_sum(module, record, factors, 0.0, torch.float32))
+            else:
+                self._check_batch_size()
             self._accumulated_examples += self.collector.batch_size
             self.collector.clear()
         except BaseException:
