@@ -432,8 +432,10 @@ def test_layer_unfrozen_after_make_private_is_named():
         opt.step()
 
 
-def test_nan_input_names_the_layer():
-    model, opt = _private(_mlp())
+@pytest.mark.parametrize("clipping", ["flat", "per_layer", "group", "automatic"])
+def test_nan_input_names_the_layer(clipping):
+    model = _mlp()
+    model, opt = _private(model, clipping=clipping, groups=[["0"], ["2"]] if clipping == "group" else None)
     x = torch.randn(4, 7)
     x[2, 3] = float("nan")
     model(x).sum().backward()

@@ -206,19 +206,28 @@ class DPOptimizer(torch.optim.Optimizer):
                     "now: they have no clipping path; unfreeze before make_private"
                 )
             group_sq[k] = record.sq_norms if k not in group_sq else group_sq[k] + record.sq_norms
-        if self.check_finite and not bool(torch.isfinite(torch.stack(list(group_sq.values()))).all()):
-            for name, record in records.items():
-                bad = ~torch.isfinite(record.sq_norms)
-                if bool(bad.any()):
-                    idx = bad.nonzero().flatten()[:8].tolist()
-                    raise FloatingPointError(
-                        f"non-finite per-example gradient norm in DP layer '{name}' (examples {idx}): "
-                        "the loss or activations produced NaN/Inf; no update was made"
-                    )
         return {
             k: self.clipping.factors(k, sq * scale**2) * (scale / self.expected_batch_size)
             for k, sq in group_sq.items()
         }
+
+    def _check_finite(self) -> None:
+        """Refuse NaN/Inf per-example norms of this (micro-)batch, naming the layer: one host sync.
+        (Per-layer clipping has already clipped such layers inside backward, into running sums
+        that this refusal then discards: nothing non-finite is ever released.)"""
+        records = self.collector.records
+        if not self.check_finite or not records:
+            return
+        if bool(torch.isfinite(torch.stack([r.sq_norms for r in records.values()])).all()):
+            return
+        for name, record in records.items():
+            bad = ~torch.isfinite(record.sq_norms)
+            if bool(bad.any()):
+                idx = bad.nonzero().flatten()[:8].tolist()
+                raise FloatingPointError(
+                    f"non-finite per-example gradient norm in DP layer '{name}' (examples {idx}): "
+                    "the loss or activations produced NaN/Inf; no update was made"
+                )
 
     def _clipped_sum(self, module: nn.Module, record: LayerRecord, factors: Dict[int, torch.Tensor],
                      noise_std: float, out_dtype: Optional[torch.dtype]) -> Dict[str, torch.Tensor]:
@@ -258,6 +267,7 @@ class DPOptimizer(torch.optim.Optimizer):
                 "optimizer.step() called without a backward pass since the last step (or zero_grad() "
                 "discarded it); for an empty Poisson batch call optimizer.noise_only_step()"
             )
+        self._check_finite()
         pending = {n: r for n, r in self.collector.records.items() if r.payload is not None}
         factors = self._clip_factors(pending) if pending else {}
         if not pending:
@@ -297,6 +307,7 @@ class DPOptimizer(torch.optim.Optimizer):
             )
         self._check_param_groups()
         try:
+            self._check_finite()
             pending = {n: r for n, r in self.collector.records.items() if r.payload is not None}
             if pending:
                 factors = self._clip_factors(pending)
