@@ -923,3 +923,30 @@ def test_clipping_style_errors(kwargs, match):
     kw.update(kwargs)
     with pytest.raises(ValueError, match=match):
         private(model, **kw)
+
+
+@pytest.mark.parametrize("style", ["group", "automatic", "per_layer"])
+def test_styles_with_accumulation_and_sequence_first(device, backend, style):
+    """The style composes with gradient accumulation and batch_first=False: micro-batches of a
+    (T, B, d) batch give the step of the whole batch, noise included."""
+    base = _three_layers(device)
+    x = torch.randn(4, 6, 7, generator=torch.Generator().manual_seed(21)).to(device)  # (T=4, B=6, d)
+    kw = dict(clipping=style, max_grad_norm=0.6, noise_multiplier=0.8, expected_batch_size=6, seed=5,
+              batch_first=False, backend=backend)
+    if style == "group":
+        kw["groups"] = [["2"], ["0", "4"]]
+
+    def run(chunks):
+        model, opt = private(copy.deepcopy(base), **kw)
+        start = 0
+        for i, n in enumerate(chunks):
+            model(x[:, start:start + n]).square().sum(dim=(0, 2)).mean().backward()
+            start += n
+            if i + 1 < len(chunks):
+                opt.accumulate()
+        opt.step()
+        return {n: p.grad for n, p in model.named_parameters()}
+
+    whole, parts = run((6,)), run((4, 2))
+    for n in whole:
+        torch.testing.assert_close(parts[n], whole[n], rtol=1e-5, atol=1e-6, msg=n)
