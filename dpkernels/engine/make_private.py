@@ -198,7 +198,7 @@ def make_private(
         param_names=param_names,
         collector=collector,
         noise_multiplier=noise_multiplier,
-        max_grad_norm=max_grad_norm,
+        max_grad_norm=plan.total_norm,
         expected_batch_size=expected_batch_size,
         loss_reduction=loss_reduction,
         seed=seed,

@@ -74,6 +74,8 @@ class DPOptimizer(torch.optim.Optimizer):
         self.noise_multiplier = float(noise_multiplier)
         if clipping is None:
             clipping = make_plan("flat", [collector.for_module(m).name for _, m in modules], max_grad_norm)
+        elif not math.isclose(clipping.total_norm, max_grad_norm, rel_tol=1e-12):
+            raise ValueError(f"max_grad_norm {max_grad_norm} is not the clipping plan's total {clipping.total_norm}")
         self.clipping = clipping
         self.max_grad_norm = clipping.total_norm  # the sensitivity C = sqrt(Σ_k C_k²) the noise is scaled to
         self.expected_batch_size = int(expected_batch_size)
