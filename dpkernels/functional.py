@@ -17,6 +17,7 @@ silently. ``dpkernels.backends()`` reports what is available.
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional, Union
 
@@ -24,8 +25,10 @@ import torch
 
 from . import _cuda
 from .ops import clip_sum_noise as _csn
+from .ops import embedding_grads as _emb
 from .ops import linear_clipped_grad as _lcg
 from .ops import linear_sq_norms as _lsn
+from .ops import norm_affine_grads as _nag
 from .ops._triton import HAS_TRITON, interpret_mode
 from .ops.philox import PhiloxKey, resolve_key
 
@@ -280,6 +283,250 @@ def gaussian_noise(
     return (z * std).to(dtype).reshape(shape)
 
 
+# ------------------------------------------------------------------ normalisation layers --
+
+
+def _check_pair(x: torch.Tensor, grad_output: torch.Tensor, what: str) -> None:
+    if not isinstance(x, torch.Tensor) or not isinstance(grad_output, torch.Tensor):
+        raise TypeError("x and grad_output must be tensors")
+    if x.shape != grad_output.shape:
+        raise ValueError(f"{what}: x {tuple(x.shape)} and grad_output {tuple(grad_output.shape)} must have the same shape")
+    if x.dtype not in _FLOAT_DTYPES or grad_output.dtype != x.dtype:
+        raise TypeError(f"{what}: x and grad_output must share one dtype of float32, bfloat16, float16; got "
+                        f"{x.dtype} and {grad_output.dtype}")
+    if x.device != grad_output.device:
+        raise ValueError(f"x is on {x.device} but grad_output is on {grad_output.device}")
+    if x.dim() < 2 or x.shape[0] == 0:
+        raise ValueError(f"{what}: need a non-empty batch of shape (B, ...), got {tuple(x.shape)}")
+
+
+def _check_stat(stat: Optional[torch.Tensor], name: str, numel: int, device: torch.device) -> Optional[torch.Tensor]:
+    if stat is None:
+        return None
+    if not isinstance(stat, torch.Tensor) or stat.numel() != numel or not stat.is_floating_point():
+        raise ValueError(f"{name} must be a floating tensor with {numel} elements (one per normalised group)")
+    if stat.device != device:
+        raise ValueError(f"{name} is on {stat.device}, x on {device}")
+    return stat
+
+
+def _norm_affine_grads(x3, g3, mean, rstd, group, per_position, want_weight, want_bias, backend):
+    impl = select_backend(x3.device, backend)
+    if impl == "torch":
+        return _nag.norm_affine_grads_reference(x3, g3, mean, rstd, group, per_position, want_weight, want_bias)
+    return _nag.norm_affine_grads_triton(x3, g3, mean, rstd, group, per_position, want_weight, want_bias)
+
+
+def _normalized_dims(x: torch.Tensor, normalized_shape) -> tuple[int, ...]:
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    if not shape or tuple(x.shape[x.dim() - len(shape):]) != shape or x.dim() <= len(shape):
+        raise ValueError(f"x {tuple(x.shape)} must be (B, *, {', '.join(map(str, shape))}) for normalized_shape {shape}")
+    return shape
+
+
+def layer_norm_per_example_grads(
+    x: torch.Tensor,
+    grad_output: torch.Tensor,
+    normalized_shape: "int | tuple[int, ...]",
+    *,
+    eps: float = 1e-5,
+    weight: bool = True,
+    bias: bool = True,
+    mean: Optional[torch.Tensor] = None,
+    rstd: Optional[torch.Tensor] = None,
+    backend: Optional[str] = None,
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Per-example (weight, bias) gradients of ``nn.LayerNorm``, float32 (B, *normalized_shape) each.
+
+    x: the layer input (B, *, *normalized_shape); grad_output: ∂L/∂y, same shape and dtype.
+    ``mean``/``rstd``: the forward's statistics (one per normalised row, as
+    ``torch.native_layer_norm`` returns them); recomputed in float32 from x when omitted.
+    The math is in ``dpkernels.ops.norm_affine_grads``. ``weight``/``bias``: which to compute
+    (None is returned for the other).
+    """
+    _check_pair(x, grad_output, "layer_norm_per_example_grads")
+    shape = _normalized_dims(x, normalized_shape)
+    B = x.shape[0]
+    n = math.prod(shape)
+    x3, g3 = x.reshape(B, -1, n), grad_output.reshape(B, -1, n)
+    rows = x3.shape[1] * B
+    mean, rstd = _check_stat(mean, "mean", rows, x.device), _check_stat(rstd, "rstd", rows, x.device)
+    if (mean is None) != (rstd is None):
+        raise ValueError("pass both mean and rstd, or neither")
+    if rstd is None or rstd.dtype != torch.float32:  # low-precision statistics: recompute in float32
+        var, mean = torch.var_mean(x3.float(), dim=2, correction=0)
+        rstd = torch.rsqrt(var + eps)
+    gw, gb = _norm_affine_grads(x3, g3, mean, rstd, 1, True, weight, bias, backend)
+    return (gw.view(B, *shape) if gw is not None else None), (gb.view(B, *shape) if gb is not None else None)
+
+
+def rms_norm_per_example_grads(
+    x: torch.Tensor,
+    grad_output: torch.Tensor,
+    normalized_shape: "int | tuple[int, ...]",
+    *,
+    eps: Optional[float] = None,
+    rstd: Optional[torch.Tensor] = None,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Per-example weight gradients of ``nn.RMSNorm``, float32 (B, *normalized_shape).
+
+    As ``layer_norm_per_example_grads`` with no mean and no bias; ``eps`` None means
+    ``torch.finfo(x.dtype).eps``, as in nn.RMSNorm.
+    """
+    _check_pair(x, grad_output, "rms_norm_per_example_grads")
+    shape = _normalized_dims(x, normalized_shape)
+    B = x.shape[0]
+    n = math.prod(shape)
+    x3, g3 = x.reshape(B, -1, n), grad_output.reshape(B, -1, n)
+    rstd = _check_stat(rstd, "rstd", x3.shape[1] * B, x.device)
+    if rstd is None or rstd.dtype != torch.float32:
+        eps = torch.finfo(x.dtype).eps if eps is None else eps
+        rstd = torch.rsqrt(x3.float().square().mean(dim=2) + eps)
+    gw, _ = _norm_affine_grads(x3, g3, None, rstd, 1, True, True, False, backend)
+    return gw.view(B, *shape)
+
+
+def group_norm_per_example_grads(
+    x: torch.Tensor,
+    grad_output: torch.Tensor,
+    num_groups: int,
+    *,
+    eps: float = 1e-5,
+    weight: bool = True,
+    bias: bool = True,
+    mean: Optional[torch.Tensor] = None,
+    rstd: Optional[torch.Tensor] = None,
+    backend: Optional[str] = None,
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Per-example (weight, bias) gradients of ``nn.GroupNorm``, float32 (B, C) each.
+
+    x: (B, C, *); ``mean``/``rstd``: (B, num_groups) as ``torch.native_group_norm`` returns them,
+    recomputed in float32 when omitted.
+    """
+    _check_pair(x, grad_output, "group_norm_per_example_grads")
+    B, C = x.shape[0], x.shape[1]
+    if not (isinstance(num_groups, int) and num_groups > 0 and C % num_groups == 0):
+        raise ValueError(f"num_groups must be a positive divisor of the {C} channels, got {num_groups!r}")
+    x3 = x.reshape(B, C, -1).transpose(1, 2)  # (B, S, C): channels are the features
+    g3 = grad_output.reshape(B, C, -1).transpose(1, 2)
+    mean = _check_stat(mean, "mean", B * num_groups, x.device)
+    rstd = _check_stat(rstd, "rstd", B * num_groups, x.device)
+    if (mean is None) != (rstd is None):
+        raise ValueError("pass both mean and rstd, or neither")
+    if rstd is None or rstd.dtype != torch.float32:
+        var, mean = torch.var_mean(x.float().reshape(B, num_groups, -1), dim=2, correction=0)
+        rstd = torch.rsqrt(var + eps)
+    return _norm_affine_grads(x3, g3, mean, rstd, C // num_groups, False, weight, bias, backend)
+
+
+# ------------------------------------------------------------------ embedding -------------
+
+_TOKEN_DTYPES = (torch.int32, torch.int64)
+
+
+def _as_tokens_bt(
+    tokens: torch.Tensor, grad_output: torch.Tensor, num_embeddings: int, padding_idx: Optional[int],
+    check_ids: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Check an embedding's (token ids, output gradient) pair; view them as (B, T) and (B, T, p).
+
+    Returns them with padding_idx normalised to [0, V), or -1 when there is none.
+    """
+    if not isinstance(tokens, torch.Tensor) or not isinstance(grad_output, torch.Tensor):
+        raise TypeError("tokens and grad_output must be tensors")
+    if tokens.dtype not in _TOKEN_DTYPES:
+        raise TypeError(f"tokens must be integer token ids (int32 or int64), got {tokens.dtype}")
+    if tokens.dim() < 1:
+        raise ValueError(f"tokens must have shape (B,) or (B, *), got {tuple(tokens.shape)}")
+    if grad_output.dim() != tokens.dim() + 1 or grad_output.shape[:-1] != tokens.shape:
+        raise ValueError(
+            f"grad_output {tuple(grad_output.shape)} must have shape tokens.shape + (p,) with tokens "
+            f"{tuple(tokens.shape)}"
+        )
+    if grad_output.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"grad_output must be float32, bfloat16 or float16, got {grad_output.dtype}")
+    if tokens.device != grad_output.device:
+        raise ValueError(f"tokens are on {tokens.device} but grad_output is on {grad_output.device}")
+    B = tokens.shape[0]
+    if B == 0:
+        raise ValueError("empty batch: tokens has batch size 0")
+    if isinstance(num_embeddings, bool) or not isinstance(num_embeddings, int) or num_embeddings < 1:
+        raise ValueError(f"num_embeddings must be a positive int, got {num_embeddings!r}")
+    V = num_embeddings
+    if padding_idx is None:
+        pad = -1
+    elif isinstance(padding_idx, bool) or not isinstance(padding_idx, int) or not -V <= padding_idx < V:
+        raise ValueError(f"padding_idx must be None or an int in [-{V}, {V}), got {padding_idx!r}")
+    else:
+        pad = padding_idx % V  # negative counts from the end, as in nn.Embedding
+    if check_ids and tokens.numel() > 0 and tokens.device.type != "meta":  # meta tensors hold no ids
+        lo, hi = torch.stack(torch.aminmax(tokens)).tolist()  # one host sync
+        if lo < 0 or hi >= V:
+            raise ValueError(f"token ids must lie in [0, num_embeddings={V}), got ids from {lo} to {hi}")
+    T = tokens.numel() // B
+    p = grad_output.shape[-1]
+    return tokens.reshape(B, T), grad_output.reshape(B, T, p), pad
+
+
+def embedding_sq_norms(
+    tokens: torch.Tensor,
+    grad_output: torch.Tensor,
+    *,
+    num_embeddings: int,
+    padding_idx: Optional[int] = None,
+    backend: Optional[str] = None,
+    check_ids: bool = True,
+) -> torch.Tensor:
+    """Squared per-example gradient norms of an embedding table as float32 (B,).
+
+    tokens: (B,) or (B, *) int32/int64 ids in [0, num_embeddings); grad_output: tokens.shape + (p,)
+    (float32, bfloat16 or float16) on the same device. Positions holding ``padding_idx`` add
+    nothing. ‖g_i‖² = Σ_{t,s: tok_it = tok_is} G_it·G_is; the math and the kernels are in
+    ``dpkernels.ops.embedding_grads``. Per-example (V, p) gradients are never formed.
+    ``check_ids=False`` skips the range check of the ids (one host sync), for callers whose
+    forward already ran F.embedding on them (DPEmbedding does).
+    """
+    tok2, g3, pad = _as_tokens_bt(tokens, grad_output, num_embeddings, padding_idx, check_ids)
+    impl = select_backend(g3.device, backend)
+    if impl == "torch":
+        return _emb.embedding_sq_norms_reference(tok2, g3, num_embeddings, pad)
+    return _emb.embedding_sq_norms_triton(tok2, g3, pad)
+
+
+def embedding_clipped_grad(
+    tokens: torch.Tensor,
+    grad_output: torch.Tensor,
+    clip_factors: torch.Tensor,
+    *,
+    num_embeddings: int,
+    padding_idx: Optional[int] = None,
+    noise_std: float = 0.0,
+    generator: Generator = None,
+    backend: Optional[str] = None,
+    out_dtype: Optional[torch.dtype] = None,
+    check_ids: bool = True,
+) -> torch.Tensor:
+    """The embedding table's gradient Σ_i c_i g_i + noise_std·z, (num_embeddings, p).
+
+    Inputs as in ``embedding_sq_norms``; clip_factors (B,). Accumulated in float32 and bit-for-bit
+    deterministic on every device; the noise covers every row of the table, whether or not a
+    token of the batch hit it. Returned in ``out_dtype`` (default: grad_output's dtype).
+    ``generator`` as in ``linear_clipped_grad`` (the key's element index is the row-major index
+    in the table). ``check_ids`` as in ``embedding_sq_norms``.
+    """
+    tok2, g3, pad = _as_tokens_bt(tokens, grad_output, num_embeddings, padding_idx, check_ids)
+    c = _check_clip_factors(clip_factors, tok2.shape[0], g3.device)
+    noise_std = _check_noise_std(noise_std)
+    key = resolve_key(generator)
+    if out_dtype is not None and out_dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
+    impl = select_backend(g3.device, backend)
+    if impl == "torch":
+        return _emb.embedding_clipped_grad_reference(tok2, g3, c, num_embeddings, pad, noise_std, key, out_dtype)
+    return _emb.embedding_clipped_grad_triton(tok2, g3, c, num_embeddings, pad, noise_std, key, out_dtype)
+
+
 __all__ = [
     "gaussian_noise",
     "backends",
@@ -287,5 +534,10 @@ __all__ = [
     "linear_sq_norms",
     "linear_clipped_grad",
     "clip_sum_noise",
+    "layer_norm_per_example_grads",
+    "rms_norm_per_example_grads",
+    "group_norm_per_example_grads",
+    "embedding_sq_norms",
+    "embedding_clipped_grad",
     "PhiloxKey",
 ]

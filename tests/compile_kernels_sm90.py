@@ -19,8 +19,10 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from dpkernels.ops import _triton as kt  # noqa: E402
 from dpkernels.ops import clip_sum_noise as csn  # noqa: E402
+from dpkernels.ops import embedding_grads as emb  # noqa: E402
 from dpkernels.ops import linear_clipped_grad as lcg  # noqa: E402
 from dpkernels.ops import linear_sq_norms as lsn  # noqa: E402
+from dpkernels.ops import norm_affine_grads as nag  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 64)
 FLOAT_ARGS = {"noise_std"}
@@ -71,9 +73,17 @@ def main() -> int:
              {"HAS_NOISE": True, "ALIGNED2": dt != "fp16", **flags, "BLOCK_P": 128, "BLOCK_D": 128, "BLOCK_K": 64}, 8, 3),
             ("clip_sum_noise " + dt, csn._clip_sum_noise_kernel, {"g_ptr": f"*{dt}", "out_ptr": f"*{dt}"},
              {"HAS_NOISE": True, "BLOCK_B": 16, "BLOCK_N": 256}, 4, 2),
+            ("norm_affine_grads " + dt, nag._norm_affine_grads_kernel, xg,
+             {"HAS_MEAN": True, "WANT_W": True, "WANT_B": True, "BLOCK_R": 32, "BLOCK_N": 128}, 4, 2),
+            ("embedding_rowwise " + dt, emb._rowwise_kernel, {"tok_ptr": "*i64", "g_ptr": f"*{dt}"},
+             {"BLOCK": 256}, 4, 1),
+            ("embedding_ghost " + dt, emb._ghost_kernel,
+             {"tok_ptr": "*i32" if dt == "fp16" else "*i64", "g_ptr": f"*{dt}", "pairs_ptr": "*i32"},
+             {**flags, "BLOCK_T": 64, "BLOCK_K": 64}, 8, 3),
         ]
         if dt == "fp32":
             jobs.append(("philox_normal", kt._philox_normal_kernel, {"out": "*fp32"}, {"BLOCK": 1024}, 4, 1))
+            jobs.append(("embedding_add_noise", emb._add_noise_kernel, {}, {"BLOCK": 1024}, 4, 1))
         for label, fn, ptrs, consts, warps, stages in jobs:
             try:
                 compile_one(label, fn, ptrs, consts, warps, stages)

@@ -195,3 +195,61 @@ def flat_clipped_mean(per_example: Dict[str, torch.Tensor], max_grad_norm: float
     c = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
     out = {n: torch.einsum("i,i...->...", c, g) / denom for n, g in per_example.items()}
     return out, norms
+
+
+# ------------------------------------------------------------------ embedding -------------
+
+
+def embedding_per_example_grads(
+    tokens: torch.Tensor, grad_output: torch.Tensor, num_embeddings: int, padding_idx: Optional[int] = None
+) -> torch.Tensor:
+    """Per-example gradients of an embedding table, float64 (B, V, p), given G = ∂L/∂output.
+
+    tokens: (B,) or (B, *) integer ids; grad_output: tokens.shape + (p,). Example i's loss is
+    ⟨F.embedding(tok_i, W), G_i⟩, whose gradient w.r.t. W is the layer's per-example gradient.
+    """
+    g = grad_output.detach().to(torch.float64)
+    w = torch.zeros(num_embeddings, g.shape[-1], dtype=torch.float64, device=g.device)
+
+    def loss_one(w_, tok_i, g_i):
+        return (F.embedding(tok_i, w_, padding_idx) * g_i).sum()
+
+    return vmap(grad(loss_one), in_dims=(None, 0, 0))(w, tokens.detach().long(), g)
+
+
+def embedding_sq_norms_oracle(tokens, grad_output, num_embeddings: int, padding_idx: Optional[int] = None) -> torch.Tensor:
+    """‖g_i‖², float64 (B,)."""
+    return embedding_per_example_grads(tokens, grad_output, num_embeddings, padding_idx).flatten(1).square().sum(1)
+
+
+def embedding_clipped_sum_oracle(
+    tokens, grad_output, clip_factors: torch.Tensor, num_embeddings: int, padding_idx: Optional[int] = None
+) -> torch.Tensor:
+    """Σ_i c_i g_i, float64 (V, p)."""
+    per_example = embedding_per_example_grads(tokens, grad_output, num_embeddings, padding_idx)
+    return torch.einsum("i,ivp->vp", clip_factors.detach().to(torch.float64), per_example)
+
+
+class _TokensAsFloat(nn.Module):
+    """``inner`` fed integer ids that arrive float-encoded (model_per_example_grads casts inputs to
+    float64; ids are exact in float64), optionally transposed to sequence-first (T, B)."""
+
+    def __init__(self, inner: nn.Module, seq_first: bool) -> None:
+        super().__init__()
+        self.inner = inner
+        self.seq_first = seq_first
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        ids = ids.long()
+        return self.inner(ids.transpose(0, 1) if self.seq_first else ids)
+
+
+def token_model_per_example_grads(
+    model: nn.Module, tokens: torch.Tensor, target: torch.Tensor, loss: str, seq_first: bool = False
+) -> Dict[str, torch.Tensor]:
+    """``model_per_example_grads`` for a model whose input is token ids (B, *), batch first.
+
+    ``seq_first``: the model itself takes (T, B) ids; ``tokens`` are still given (B, T).
+    """
+    grads = model_per_example_grads(_TokensAsFloat(model, seq_first), tokens, target, loss)
+    return {name.removeprefix("inner."): g for name, g in grads.items()}

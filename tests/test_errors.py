@@ -209,8 +209,8 @@ def test_frozen_batchnorm_in_training_mode_is_refused():
 
 
 def test_unsupported_layer_is_refused_by_name():
-    model = nn.Sequential(nn.Linear(7, 9), nn.LayerNorm(9), nn.Linear(9, 4))
-    with pytest.raises(ValueError, match=r"LayerNorm '1' \(weight, bias\): no per-example clipping path"):
+    model = nn.Sequential(nn.Linear(7, 9), nn.PReLU(9), nn.Linear(9, 4))
+    with pytest.raises(ValueError, match=r"PReLU '1' \(weight\): no per-example clipping path"):
         _private(model)
 
 
@@ -231,8 +231,8 @@ def test_model_without_trainable_parameters():
 
 
 def test_other_unsupported_parameters_are_named():
-    with pytest.raises(ValueError, match=r"Embedding '0' \(weight\): no per-example clipping path"):
-        _private(nn.Sequential(nn.Embedding(10, 5), nn.Linear(5, 3)))
+    with pytest.raises(ValueError, match=r"Bilinear '0' \(weight, bias\): no per-example clipping path"):
+        _private(nn.Sequential(nn.Bilinear(5, 5, 5), nn.Linear(5, 3)))
 
     class WithTemperature(nn.Module):
         def __init__(self):
@@ -342,7 +342,7 @@ def test_batch_larger_than_expected_is_refused():
 
 def test_refused_model_is_left_usable():
     """A refused make_private must not leave layers attached (a retry after fixing the model works)."""
-    model = nn.Sequential(nn.Linear(7, 9), nn.LayerNorm(9), nn.Linear(9, 4))
+    model = nn.Sequential(nn.Linear(7, 9), nn.PReLU(9), nn.Linear(9, 4))
     with pytest.raises(ValueError):
         _private(model)
     model[1].requires_grad_(False)

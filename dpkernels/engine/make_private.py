@@ -9,7 +9,6 @@ import torch
 import torch.nn as nn
 
 from ..nn.convert import convert
-from ..nn.linear import DPLinear
 from ..nn.module import DPModule
 from ..ops.linear_sq_norms import METHODS
 from .clipping import make_plan
@@ -38,11 +37,9 @@ def _check_model(model: nn.Module) -> List[Tuple[str, nn.Module]]:
         if isinstance(module, DPModule):
             if module._dp_collector is not None:
                 raise RuntimeError(f"module '{name}' is already attached to a private optimizer")
-            if isinstance(module, DPLinear) and module._bias_trainable() and not module.weight.requires_grad:
-                problems.append(
-                    f"DPLinear '{name}' (bias): a trainable bias with a frozen weight is not supported; "
-                    "freeze the bias too or unfreeze the weight"
-                )
+            reason = module.dp_unsupported_reason() if own else None
+            if reason is not None:
+                problems.append(f"{type(module).__name__} '{name or '<root>'}' ({', '.join(n for n, _ in own)}): {reason}")
             dp_modules.append((name, module))
         elif own:
             problems.append(_unsupported_message(name, module, [n for n, _ in own]))
@@ -119,9 +116,12 @@ def make_private(
 ) -> Tuple[nn.Module, DPOptimizer]:
     """Make ``loss.backward(); optimizer.step()`` one DP-SGD step with per-example clipping.
 
-    The model's nn.Linear layers become DPLinear (sharing their parameters, in place); any other
-    trainable parameter is refused with an error naming its module, as is an optimizer that
-    updates a parameter without a clipping path. After it, one backward pass records per-example
+    The model's layers with a per-example clipping path become their DP versions in place,
+    sharing their parameters (``dpkernels.nn.convert``: nn.Linear → DPLinear, nn.Embedding →
+    DPEmbedding, nn.LayerNorm / nn.RMSNorm / nn.GroupNorm → DPLayerNorm / DPRMSNorm /
+    DPGroupNorm); any other trainable parameter (BatchNorm's, a custom layer's) is refused with
+    an error naming its module, as is an optimizer that updates a parameter without a clipping
+    path. After it, one backward pass records per-example
     norms, and ``optimizer.step()`` writes (Σ_i clip_C(g_i) + σ·C·z) / B̄ into every parameter's
     .grad (B̄ = ``expected_batch_size``) before the wrapped optimizer's own step.
 

@@ -1,6 +1,8 @@
 """Drop-in DP modules and the converter for existing models."""
 from .convert import convert, register_converter
+from .embedding import DPEmbedding
 from .linear import DPLinear
 from .module import DPModule
+from .norm import DPGroupNorm, DPLayerNorm, DPRMSNorm
 
-__all__ = ["DPLinear", "DPModule", "convert", "register_converter"]
+__all__ = ["DPEmbedding", "DPGroupNorm", "DPLayerNorm", "DPLinear", "DPModule", "DPRMSNorm", "convert", "register_converter"]

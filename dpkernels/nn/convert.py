@@ -11,10 +11,16 @@ from typing import Callable, Dict, Type
 
 import torch.nn as nn
 
+from .embedding import DPEmbedding
 from .linear import DPLinear
+from .norm import DPGroupNorm, DPLayerNorm, DPRMSNorm
 
 _CONVERTERS: Dict[Type[nn.Module], Callable[[nn.Module], nn.Module]] = {
     nn.Linear: DPLinear.from_linear,
+    nn.Embedding: DPEmbedding.from_embedding,
+    nn.LayerNorm: DPLayerNorm.from_layer_norm,
+    nn.RMSNorm: DPRMSNorm.from_rms_norm,
+    nn.GroupNorm: DPGroupNorm.from_group_norm,
 }
 
 

@@ -46,6 +46,11 @@ class DPLinear(nn.Linear, DPModule):
         new.train(linear.training)
         return new
 
+    def dp_unsupported_reason(self) -> Optional[str]:
+        if self._bias_trainable() and not self.weight.requires_grad:
+            return "a trainable bias with a frozen weight is not supported; freeze the bias too or unfreeze the weight"
+        return None
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not (self.dp_private_forward() and self.weight.requires_grad):
             return F.linear(input, self.weight, self.bias)

@@ -24,6 +24,11 @@ class DPModule:
     def dp_detach(self) -> None:
         self._dp_collector = None
 
+    def dp_unsupported_reason(self) -> Optional[str]:
+        """Why this layer, as configured, cannot be trained with per-example clipping; None if it can.
+        ``make_private`` refuses the model with this reason, naming the layer."""
+        return None
+
     def dp_private_forward(self) -> bool:
         """Whether this forward call must go through the per-example path."""
         return self._dp_collector is not None and torch.is_grad_enabled()

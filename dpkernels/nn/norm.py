@@ -1,0 +1,171 @@
+"""DPLayerNorm, DPRMSNorm, DPGroupNorm: drop-in normalisation layers with a per-example clipping path.
+
+Their per-example gradients are small ((B, n) per parameter), so backward materialises them
+(``dpkernels.ops.norm_affine_grads``) and the step clips and noises them with the fused
+clip-sum-noise pass (``functional.clip_sum_noise``). Memory: what the torch layer keeps, plus
+(B, n) float32 per parameter until the step. BatchNorm has no such path: it mixes the examples
+of a batch, and ``make_private`` refuses it.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+import torch.nn as nn
+
+from .. import functional
+from ..autograd.norm import DPGroupNormFunction, DPLayerNormFunction, DPRMSNormFunction
+from ..ops.philox import PhiloxKey
+from .linear import _autocast_enabled
+from .module import DPModule
+
+
+class _DPAffineNorm(DPModule):
+    """What the three layers share: the recorded payload is {parameter name: (B, *shape) float32}."""
+
+    def _trainable_affine(self) -> bool:
+        return any(p is not None and p.requires_grad for p in (getattr(self, "weight", None), getattr(self, "bias", None)))
+
+    def _private(self) -> bool:
+        return self.dp_private_forward() and self._trainable_affine()
+
+    def _batch_dim(self, x: torch.Tensor, batched_dims: int) -> int:
+        """Dimension of the examples: 0, or 1 for sequence-first input (batch_first=False)."""
+        if x.dim() < batched_dims + 1:
+            raise ValueError(
+                f"{type(self).__name__} needs batched input under private training (a batch dimension before "
+                f"the normalised ones), got {tuple(x.shape)}"
+            )
+        batch_dim = 0 if self._dp_collector.batch_first or x.dim() < batched_dims + 2 else 1
+        if x.shape[batch_dim] == 0:
+            raise ValueError(
+                f"empty batch reached {type(self).__name__}: with Poisson sampling call optimizer.noise_only_step() "
+                "for an empty batch instead of running the model"
+            )
+        return batch_dim
+
+    def dp_sq_norms(self, *per_example: torch.Tensor, method: str, backend: Optional[str]) -> torch.Tensor:
+        # ``method`` is the linear layers' norm method: per-example gradients here are materialised
+        return sum(g.reshape(g.shape[0], -1).square().sum(dim=1) for g in per_example)
+
+    def dp_clipped_grads(
+        self,
+        payload: Dict[str, torch.Tensor],
+        clip_factors: torch.Tensor,
+        noise_std: float,
+        keys: Dict[str, PhiloxKey],
+        backend: Optional[str],
+        out_dtype: Optional[torch.dtype] = None,
+    ) -> Dict[str, torch.Tensor]:
+        grads = {}
+        for name, key in keys.items():
+            if name not in payload:
+                raise RuntimeError(f"internal: {type(self).__name__} recorded no per-example gradient for '{name}'")
+            param = getattr(self, name)
+            total = functional.clip_sum_noise(payload[name], clip_factors, noise_std=noise_std, generator=key,
+                                              backend=backend)
+            grads[name] = total.view(param.shape).to(out_dtype or param.dtype)
+        return grads
+
+
+def _share_params(new: nn.Module, old: nn.Module, names=("weight", "bias")) -> None:
+    for name in names:
+        p = getattr(old, name, None)
+        if p is not None:
+            setattr(new, name, p)
+        elif name in old._parameters:
+            new.register_parameter(name, None)
+
+
+class DPLayerNorm(nn.LayerNorm, _DPAffineNorm):
+    """``nn.LayerNorm`` (same constructor, parameters and state_dict) for DP training.
+
+    Input (B, *, *normalized_shape); with ``make_private(..., batch_first=False)``,
+    (T, B, *, *normalized_shape). Under autocast the layer runs in float32 (as CUDA autocast runs
+    layer_norm) and returns float32.
+    """
+
+    @classmethod
+    def from_layer_norm(cls, ln: nn.LayerNorm) -> nn.Module:
+        """A DPLayerNorm sharing ``ln``'s Parameter objects (``ln`` itself when it has no affine parameters)."""
+        if not ln.elementwise_affine:
+            return ln
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.normalized_shape, new.eps, new.elementwise_affine = ln.normalized_shape, ln.eps, ln.elementwise_affine
+        _share_params(new, ln)
+        new.train(ln.training)
+        return new
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not self._private():
+            return super().forward(input)
+        batch_dim = self._batch_dim(input, len(self.normalized_shape))
+        collector = self._dp_collector.for_module(self)
+        if _autocast_enabled(input.device.type):
+            with torch.autocast(input.device.type, enabled=False):
+                return DPLayerNormFunction.apply(
+                    input.float(), self.weight, self.bias, tuple(self.normalized_shape), self.eps, collector, batch_dim)
+        return DPLayerNormFunction.apply(input, self.weight, self.bias, tuple(self.normalized_shape), self.eps,
+                                         collector, batch_dim)
+
+
+class DPRMSNorm(nn.RMSNorm, _DPAffineNorm):
+    """``nn.RMSNorm`` (same constructor, parameters and state_dict) for DP training; ``eps=None``
+    means ``torch.finfo(input.dtype).eps`` as in nn.RMSNorm. Computed in float32."""
+
+    @classmethod
+    def from_rms_norm(cls, rms: nn.RMSNorm) -> nn.Module:
+        if not rms.elementwise_affine:
+            return rms
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.normalized_shape, new.eps, new.elementwise_affine = rms.normalized_shape, rms.eps, rms.elementwise_affine
+        _share_params(new, rms, ("weight",))
+        new.train(rms.training)
+        return new
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not self._private():
+            return super().forward(input)
+        batch_dim = self._batch_dim(input, len(self.normalized_shape))
+        collector = self._dp_collector.for_module(self)
+        x = input.float() if _autocast_enabled(input.device.type) else input
+        eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
+        return DPRMSNormFunction.apply(x, self.weight, tuple(self.normalized_shape), eps, collector, batch_dim)
+
+
+class DPGroupNorm(nn.GroupNorm, _DPAffineNorm):
+    """``nn.GroupNorm`` (same constructor, parameters and state_dict) for DP training.
+
+    Input (B, C, *): the batch is dimension 0 whatever ``batch_first`` says, since GroupNorm's
+    statistics are per example along that dimension. Under autocast it runs in float32.
+    """
+
+    @classmethod
+    def from_group_norm(cls, gn: nn.GroupNorm) -> nn.Module:
+        if not gn.affine:
+            return gn
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.num_groups, new.num_channels, new.eps, new.affine = gn.num_groups, gn.num_channels, gn.eps, gn.affine
+        _share_params(new, gn)
+        new.train(gn.training)
+        return new
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not self._private():
+            return super().forward(input)
+        if input.dim() < 2 or input.shape[1] != self.num_channels:
+            raise ValueError(f"DPGroupNorm expects input (B, {self.num_channels}, *), got {tuple(input.shape)}")
+        if input.shape[0] == 0:
+            raise ValueError(
+                "empty batch reached DPGroupNorm: with Poisson sampling call optimizer.noise_only_step() "
+                "for an empty batch instead of running the model"
+            )
+        collector = self._dp_collector.for_module(self)
+        if _autocast_enabled(input.device.type):
+            with torch.autocast(input.device.type, enabled=False):
+                return DPGroupNormFunction.apply(input.float(), self.weight, self.bias, self.num_groups, self.eps,
+                                                 collector)
+        return DPGroupNormFunction.apply(input, self.weight, self.bias, self.num_groups, self.eps, collector)
