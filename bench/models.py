@@ -1,10 +1,10 @@
 """Models for the full-step benchmark (self-contained, plain torch).
 
-Every trainable parameter lives in an ``nn.Linear`` so that every private engine benchmarked
-(dpkernels, Opacus, the torch.func oracle) clips exactly the same parameters. Token and position
-embeddings and the LayerNorms are frozen (``requires_grad_(False)``): ``make_private`` refuses
-trainable parameters without a per-example clipping path, and at the time of writing dpkernels
-has one only for linear layers.
+Every private engine benchmarked (dpkernels, Opacus, the torch.func oracle) clips exactly the
+same parameters. In the GPT of the issue's benchmark (``GPTConfig.train_all=False``) the token and
+position embeddings and the LayerNorms are frozen (``requires_grad_(False)``), so every trainable
+parameter lives in an ``nn.Linear``; ``train_all=True`` trains them too (dpkernels' DPEmbedding
+and DPLayerNorm, Opacus' own per-sample gradient samplers).
 
 Both models map (B, T) or (B, T, d) inputs to logits (B, T, V) (T may be 1 for the stack) so
 that one loss serves every mode: cross-entropy over the last dimension, averaged over the
@@ -63,11 +63,13 @@ class GPTConfig:
     n_head: int = 12
     d_mlp: int = 3072
     batch: int = 32
+    train_all: bool = False  # False: embeddings and LayerNorms frozen (the issue's benchmark)
 
     def describe(self) -> str:
+        frozen = "all parameters trained" if self.train_all else "embeddings and LayerNorms frozen"
         return (
             f"GPT d={self.d_model}, {self.n_layer} layers, {self.n_head} heads, MLP {self.d_mlp}, "
-            f"vocab {self.vocab}, T={self.seq}, B={self.batch}"
+            f"vocab {self.vocab}, T={self.seq}, B={self.batch}, {frozen}"
         )
 
 
@@ -108,7 +110,7 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """A GPT-2-shaped decoder. Embeddings and LayerNorms are frozen; the head is untied."""
+    """A GPT-2-shaped decoder with an untied head; embeddings and LayerNorms frozen unless ``cfg.train_all``."""
 
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
@@ -119,9 +121,10 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.vocab, bias=False)
         self.apply(self._init)
-        for m in self.modules():
-            if isinstance(m, (nn.Embedding, nn.LayerNorm)):
-                m.requires_grad_(False)
+        if not cfg.train_all:
+            for m in self.modules():
+                if isinstance(m, (nn.Embedding, nn.LayerNorm)):
+                    m.requires_grad_(False)
 
     @staticmethod
     def _init(m: nn.Module) -> None:
@@ -133,8 +136,10 @@ class GPT(nn.Module):
             nn.init.normal_(m.weight, std=0.02)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        T = idx.shape[1]
-        pos = torch.arange(T, device=idx.device)
+        B, T = idx.shape
+        # positions per example (B, T), not (T,): a trained position embedding needs the batch
+        # dimension to have per-example gradients
+        pos = torch.arange(T, device=idx.device).expand(B, T).contiguous()  # (Opacus ghost clipping views it)
         x = self.tok_emb(idx) + self.pos_emb(pos)
         for block in self.blocks:
             x = block(x)
@@ -180,7 +185,7 @@ def linear_layers(kind: str, cfg):
         (name, m.in_features, m.out_features, T)
         for name, m in model.named_modules()
         if isinstance(m, nn.Linear) and m.weight.requires_grad
-    ]
+    ]  # (embeddings and LayerNorms, trained with train_all, are not in the GEMM floor)
 
 
 def attention_flops(kind: str, cfg) -> float:
