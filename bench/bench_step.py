@@ -60,9 +60,9 @@ PRIVATE = [m for m in MODES if m != "non_private"]
 
 WORKLOADS = {
     "gpt": ("gpt", models.GPTConfig()),
-    "gpt_all": ("gpt", models.GPTConfig(train_all=True)),
     "stack_T1": ("stack", models.StackConfig(width=1024, depth=8, batch=256, seq=1)),
     "stack_T256": ("stack", models.StackConfig(width=1024, depth=8, batch=32, seq=256)),
+    "gpt_all": ("gpt", models.GPTConfig(train_all=True)),  # last: the workloads come first in a budget
 }
 SMOKE_WORKLOADS = {
     "gpt": ("gpt", models.GPTConfig(vocab=97, seq=8, d_model=32, n_layer=2, n_head=2, d_mlp=64, batch=4)),
