@@ -51,7 +51,7 @@ def _oracle(kind: str, x: torch.Tensor, g: torch.Tensor, spec, eps: float):
     return gw, gb
 
 
-def _inputs(shape, dtype, strided: bool, seed: int = 0):
+def _inputs(shape, dtype, strided: bool, seed: int = 0, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
     if strided:  # a permuted, non-contiguous view of the same shape
         x = torch.randn(*reversed(shape), generator=gen).permute(*reversed(range(len(shape))))
@@ -60,13 +60,13 @@ def _inputs(shape, dtype, strided: bool, seed: int = 0):
         x = torch.randn(*shape, generator=gen)
         g = torch.randn(*shape, generator=gen)
     x = x * 3 + 1.5  # a mean and a scale that normalisation must remove
-    return x.to(dtype), g.to(dtype)
+    return x.to(device=device, dtype=dtype), g.to(device=device, dtype=dtype)
 
 
 def _close(out, ref, dtype):
     tol = TOL[dtype]
     scale = float(ref.abs().max())
-    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol * max(scale, 1e-30))
+    torch.testing.assert_close(out.double().cpu(), ref.cpu(), rtol=tol, atol=tol * max(scale, 1e-30))
 
 
 LAYER_CASES = [((1, 5), (5,)), ((3, 37, 19), (19,)), ((2, 4, 3, 6), (3, 6)), ((5, 1, 33), (33,)), ((2, 70, 40), (40,)), ((1, 300, 5), (5,))]  # the last: rows split over programs
@@ -75,10 +75,10 @@ LAYER_CASES = [((1, 5), (5,)), ((3, 37, 19), (19,)), ((2, 4, 3, 6), (3, 6)), ((5
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("strided", [False, True])
 @pytest.mark.parametrize("shape,normalized", LAYER_CASES)
-def test_layer_norm_per_example_grads(backend, shape, normalized, strided, dtype):
+def test_layer_norm_per_example_grads(device, backend, shape, normalized, strided, dtype):
     if dtype == torch.float16 and backend == "torch" and strided:
         pytest.skip("covered by the contiguous case")
-    x, g = _inputs(shape, dtype, strided)
+    x, g = _inputs(shape, dtype, strided, device=device)
     ref_w, ref_b = _oracle("layer", x, g, normalized, 1e-5)
     gw, gb = functional.layer_norm_per_example_grads(x, g, normalized, eps=1e-5, backend=backend)
     assert gw.dtype == torch.float32 and gw.shape == ref_w.shape
@@ -88,8 +88,8 @@ def test_layer_norm_per_example_grads(backend, shape, normalized, strided, dtype
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape,normalized", LAYER_CASES)
-def test_rms_norm_per_example_grads(backend, shape, normalized, dtype):
-    x, g = _inputs(shape, dtype, strided=False, seed=1)
+def test_rms_norm_per_example_grads(device, backend, shape, normalized, dtype):
+    x, g = _inputs(shape, dtype, strided=False, seed=1, device=device)
     eps = 1e-6
     ref_w, _ = _oracle("rms", x, g, normalized, eps)
     gw = functional.rms_norm_per_example_grads(x, g, normalized, eps=eps, backend=backend)
@@ -102,17 +102,17 @@ GROUP_CASES = [((1, 6, 5), 3), ((3, 12, 7, 5), 4), ((2, 9, 2), 9), ((4, 6, 33), 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("strided", [False, True])
 @pytest.mark.parametrize("shape,groups", GROUP_CASES)
-def test_group_norm_per_example_grads(backend, shape, groups, strided, dtype):
-    x, g = _inputs(shape, dtype, strided, seed=2)
+def test_group_norm_per_example_grads(device, backend, shape, groups, strided, dtype):
+    x, g = _inputs(shape, dtype, strided, seed=2, device=device)
     ref_w, ref_b = _oracle("group", x, g, groups, 1e-5)
     gw, gb = functional.group_norm_per_example_grads(x, g, groups, eps=1e-5, backend=backend)
     _close(gw, ref_w, dtype)
     _close(gb, ref_b, dtype)
 
 
-def test_given_statistics_are_used(backend):
+def test_given_statistics_are_used(device, backend):
     """The forward's statistics, when passed, are the ones x̂ is formed with (rows not mixed up)."""
-    x, g = _inputs((3, 9, 11), torch.float32, strided=False)
+    x, g = _inputs((3, 9, 11), torch.float32, strided=False, device=device)
     _, mean, rstd = torch.native_layer_norm(x, (11,), None, None, 1e-5)
     got = functional.layer_norm_per_example_grads(x, g, 11, mean=mean, rstd=rstd, backend=backend)
     ref = functional.layer_norm_per_example_grads(x, g, 11, backend="torch")
@@ -203,7 +203,7 @@ class _NormNet(nn.Module):
 
 
 @pytest.mark.parametrize("loss_reduction", ["mean", "sum"])
-def test_private_step_matches_the_oracle(backend, loss_reduction):
+def test_private_step_matches_the_oracle(device, backend, loss_reduction):
     torch.manual_seed(3)
     model = _NormNet()
     with torch.no_grad():  # affine parameters away from (1, 0) so that a lost gradient shows
@@ -218,13 +218,14 @@ def test_private_step_matches_the_oracle(backend, loss_reduction):
     _, norms = flat_clipped_mean(per_example, 1.0, B)
     C = float(norms.median())  # some examples clipped, some not
 
+    model.to(device)
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     model, opt = dpkernels.make_private(model, opt, noise_multiplier=0.0, max_grad_norm=C, expected_batch_size=B,
                                         loss_reduction=loss_reduction, backend=backend)
     assert isinstance(model.ln, DPLayerNorm) and isinstance(model.rms, DPRMSNorm) and isinstance(model.gn, DPGroupNorm)
-    F.cross_entropy(model(x), y, reduction=loss_reduction).backward()
+    F.cross_entropy(model(x.to(device)), y.to(device), reduction=loss_reduction).backward()
     opt.write_private_grads()
-    got = {n: p.grad.double() for n, p in model.named_parameters()}
+    got = {n: p.grad.double().cpu() for n, p in model.named_parameters()}
 
     expected, _ = flat_clipped_mean(per_example, C, B)
     for name, ref in expected.items():
@@ -305,12 +306,13 @@ def test_autocast_runs_norms_in_float32():
 
 
 @pytest.mark.parametrize("style", ["flat", "per_layer", "group"])
-def test_styles_and_accumulation_with_norm_layers(backend, style):
+def test_styles_and_accumulation_with_norm_layers(device, backend, style):
     """Norm layers compose with every clipping style and with gradient accumulation: micro-batches
     give the step of the whole batch, noise included."""
     torch.manual_seed(6)
     base = nn.Sequential(nn.Linear(5, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 8), nn.RMSNorm(8), nn.Linear(8, 2))
-    x = torch.randn(6, 3, 5)
+    base.to(device)
+    x = torch.randn(6, 3, 5).to(device)
     kw = dict(clipping=style, max_grad_norm=0.4, noise_multiplier=0.7, expected_batch_size=6, seed=8,
               backend=backend)
     if style == "group":
