@@ -25,6 +25,7 @@ import torch
 
 from . import _cuda
 from .ops import clip_sum_noise as _csn
+from .ops import conv_patches as _conv
 from .ops import embedding_grads as _emb
 from .ops import linear_clipped_grad as _lcg
 from .ops import linear_sq_norms as _lsn
@@ -527,6 +528,138 @@ def embedding_clipped_grad(
     return _emb.embedding_clipped_grad_triton(tok2, g3, c, num_embeddings, pad, noise_std, key, out_dtype)
 
 
+# ------------------------------------------------------------------ convolution -----------
+
+
+def _conv_geometry_and_check(
+    x: torch.Tensor, grad_output: torch.Tensor, weight_shape, stride, padding, dilation, groups, padding_mode
+) -> "_conv.ConvGeometry":
+    """Check a Conv1d/Conv2d's (input, output-gradient) pair against its parameters."""
+    geometry = _conv.ConvGeometry.from_args(weight_shape, stride, padding, dilation, groups, padding_mode)
+    if not isinstance(x, torch.Tensor) or not isinstance(grad_output, torch.Tensor):
+        raise TypeError("x and grad_output must be tensors")
+    n = geometry.spatial_dims
+    layout = "(B, C_in, L)" if n == 1 else "(B, C_in, H, W)"
+    if x.dim() != n + 2:
+        raise ValueError(f"x must have shape {layout} for a {n}-d convolution (weight_shape {tuple(weight_shape)}), "
+                         f"got {tuple(x.shape)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
+    if grad_output.dtype != x.dtype:
+        raise TypeError(f"x is {x.dtype} but grad_output is {grad_output.dtype}: dtypes must match")
+    if x.device != grad_output.device:
+        raise ValueError(f"x is on {x.device} but grad_output is on {grad_output.device}")
+    if x.shape[0] == 0:
+        raise ValueError("empty batch: x has batch size 0")
+    if x.shape[1] != geometry.in_channels:
+        raise ValueError(f"x has {x.shape[1]} channels but weight_shape {tuple(weight_shape)} with groups={groups} "
+                         f"needs {geometry.in_channels}")
+    out = geometry.output_size(x.shape[2:])
+    if min(out) < 1:
+        raise ValueError(f"x's spatial size {tuple(x.shape[2:])}, padded, is smaller than the dilated kernel: "
+                         "the convolution has no output")
+    expected = (x.shape[0], geometry.out_channels, *out)
+    if tuple(grad_output.shape) != expected:
+        raise ValueError(f"grad_output {tuple(grad_output.shape)} does not match the convolution of x "
+                         f"{tuple(x.shape)}, which gives {expected}")
+    return geometry
+
+
+def conv_sq_norms(
+    x: torch.Tensor,
+    grad_output: torch.Tensor,
+    weight_shape: "tuple[int, ...] | torch.Size",
+    *,
+    stride: "int | tuple[int, ...]" = 1,
+    padding: "str | int | tuple[int, ...]" = 0,
+    dilation: "int | tuple[int, ...]" = 1,
+    groups: int = 1,
+    padding_mode: str = "zeros",
+    bias: bool = True,
+    method: str = "auto",
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Squared per-example gradient norms of a Conv1d/Conv2d as float32 (B,).
+
+    x: the layer input (B, C_in, L) or (B, C_in, H, W); grad_output: ∂L/∂y (B, C_out, *out),
+    same dtype (float32, bfloat16 or float16) and device. ``weight_shape`` (C_out, C_in/groups,
+    *kernel) and the other arguments as for nn.Conv1d/nn.Conv2d (``padding`` "same"/"valid" or
+    ints; ``padding_mode`` "zeros", "reflect", "replicate" or "circular"). ``bias`` adds the bias
+    gradient's norm; ``method`` as in ``linear_sq_norms``. The math and the memory cost (the
+    patches are materialised, about ∏k times x) are in ``dpkernels.ops.conv_patches``.
+    """
+    if method not in _lsn.METHODS:
+        raise ValueError(f"method must be one of {_lsn.METHODS}, got {method!r}")
+    geometry = _conv_geometry_and_check(x, grad_output, weight_shape, stride, padding, dilation, groups, padding_mode)
+    patches = _conv.input_patches(x, geometry)  # (g, B, L, d)
+    rows = _conv.output_gradient_rows(grad_output, geometry)  # (g, B, L, C_out/g)
+    g, B, L, d = patches.shape
+    # the g groups of B examples as g·B independent linear layers, then summed per example
+    norms = linear_sq_norms(patches.reshape(g * B, L, d), rows.view(g * B, L, rows.shape[-1]), bias=bias,
+                            method=method, backend=backend)
+    return norms.view(g, B).sum(dim=0)
+
+
+def conv_clipped_grad(
+    x: torch.Tensor,
+    grad_output: torch.Tensor,
+    clip_factors: torch.Tensor,
+    weight_shape: "tuple[int, ...] | torch.Size",
+    *,
+    stride: "int | tuple[int, ...]" = 1,
+    padding: "str | int | tuple[int, ...]" = 0,
+    dilation: "int | tuple[int, ...]" = 1,
+    groups: int = 1,
+    padding_mode: str = "zeros",
+    bias: bool = True,
+    noise_std: float = 0.0,
+    generator: Generator = None,
+    backend: Optional[str] = None,
+    out_dtype: Optional[torch.dtype] = None,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(grad_weight, grad_bias)`` = Σ_i c_i g_i + noise_std·z of a Conv1d/Conv2d.
+
+    Inputs as in ``conv_sq_norms``; clip_factors (B,). grad_weight has ``weight_shape``,
+    grad_bias is (C_out,) (None when ``bias=False``), both in ``out_dtype`` (default x's dtype),
+    accumulated in float32. ``generator`` as in ``linear_clipped_grad``: the weight's draws are
+    philox_normal(key) at the element's row-major index in the weight (for groups > 1 as well:
+    the noise is added once over the whole weight), the bias's come from stream + 1.
+    """
+    geometry = _conv_geometry_and_check(x, grad_output, weight_shape, stride, padding, dilation, groups, padding_mode)
+    B = x.shape[0]
+    c = _check_clip_factors(clip_factors, B, x.device)
+    noise_std = _check_noise_std(noise_std)
+    key = resolve_key(generator)
+    if out_dtype is not None and out_dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
+    if bias and key.stream == 2**32 - 1:
+        raise ValueError("the bias draws from stream + 1: the weight's stream must be below 2**32 - 1")
+    out_dtype = out_dtype or x.dtype
+    patches = _conv.input_patches(x, geometry)  # (g, B, L, d)
+    rows = _conv.output_gradient_rows(grad_output, geometry)  # (g, B, L, C_out/g)
+    C_out, d = geometry.out_channels, geometry.patch_features
+    if groups == 1:  # the linear layer's own element indices are the weight's: noise fused in its GEMM
+        grad_w, _ = linear_clipped_grad(patches[0], rows[0], c, bias=False, noise_std=noise_std, generator=key,
+                                        backend=backend, out_dtype=out_dtype)
+    else:  # group j fills rows j·C_out/g..: noise added once over the whole (C_out, d) weight
+        per_group = C_out // groups
+        acc = torch.empty((C_out, d), dtype=torch.float32, device=x.device)
+        for j in range(groups):
+            acc[j * per_group:(j + 1) * per_group], _ = linear_clipped_grad(
+                patches[j], rows[j], c, bias=False, generator=key, backend=backend, out_dtype=torch.float32)
+        if noise_std != 0.0:
+            acc += gaussian_noise((C_out, d), std=noise_std, generator=key, device=x.device, backend=backend)
+        grad_w = acc.to(out_dtype)
+    del patches
+    grad_b = None
+    if bias:
+        bias_key = PhiloxKey(key.seed, key.step, key.stream + 1)
+        per_example_bias = grad_output.sum(dim=tuple(range(2, grad_output.dim())), dtype=torch.float32)
+        grad_b = clip_sum_noise(per_example_bias, c, noise_std=noise_std, generator=bias_key, backend=backend)
+        grad_b = grad_b.to(out_dtype)
+    return grad_w.view(tuple(weight_shape)), grad_b
+
+
 __all__ = [
     "gaussian_noise",
     "backends",
@@ -539,5 +672,7 @@ __all__ = [
     "group_norm_per_example_grads",
     "embedding_sq_norms",
     "embedding_clipped_grad",
+    "conv_sq_norms",
+    "conv_clipped_grad",
     "PhiloxKey",
 ]

@@ -253,3 +253,21 @@ def token_model_per_example_grads(
     """
     grads = model_per_example_grads(_TokensAsFloat(model, seq_first), tokens, target, loss)
     return {name.removeprefix("inner."): g for name, g in grads.items()}
+
+
+# ------------------------------------------------------------------ convolution -----------
+
+
+def conv_per_example_grads(conv: nn.Module, x: torch.Tensor, grad_output: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Per-example gradients of an nn.Conv1d / nn.Conv2d's parameters, float64, name → (B, *shape).
+
+    Example i's loss is ⟨conv(x_i), G_i⟩ (G = ∂L/∂output), so these are the layer's per-example
+    gradients. A float64 copy of the torch layer itself runs (its padding, padding_mode, groups).
+    """
+    m64 = copy.deepcopy(conv).to(torch.float64)
+    params = {n: p.detach() for n, p in m64.named_parameters()}
+
+    def loss_one(prms, x_i, g_i):
+        return (functional_call(m64, prms, (x_i.unsqueeze(0),)) * g_i.unsqueeze(0)).sum()
+
+    return vmap(grad(loss_one), in_dims=(None, 0, 0))(params, x.detach().double(), grad_output.detach().double())

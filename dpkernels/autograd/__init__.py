@@ -1,6 +1,10 @@
 """torch.autograd.Functions of the DP layers: thin; the math lives in dpkernels.ops."""
+from .conv import DPConvFunction
 from .embedding import DPEmbeddingFunction
 from .linear import DPLinearFunction
 from .norm import DPGroupNormFunction, DPLayerNormFunction, DPRMSNormFunction
 
-__all__ = ["DPEmbeddingFunction", "DPGroupNormFunction", "DPLayerNormFunction", "DPLinearFunction", "DPRMSNormFunction"]
+__all__ = [
+    "DPConvFunction", "DPEmbeddingFunction", "DPGroupNormFunction", "DPLayerNormFunction", "DPLinearFunction",
+    "DPRMSNormFunction",
+]

@@ -11,6 +11,7 @@ from typing import Callable, Dict, Type
 
 import torch.nn as nn
 
+from .conv import DPConv1d, DPConv2d
 from .embedding import DPEmbedding
 from .linear import DPLinear
 from .norm import DPGroupNorm, DPLayerNorm, DPRMSNorm
@@ -21,6 +22,8 @@ _CONVERTERS: Dict[Type[nn.Module], Callable[[nn.Module], nn.Module]] = {
     nn.LayerNorm: DPLayerNorm.from_layer_norm,
     nn.RMSNorm: DPRMSNorm.from_rms_norm,
     nn.GroupNorm: DPGroupNorm.from_group_norm,
+    nn.Conv1d: DPConv1d.from_conv,
+    nn.Conv2d: DPConv2d.from_conv,
 }
 
 
