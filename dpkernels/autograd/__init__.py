@@ -1,4 +1,5 @@
 """torch.autograd.Functions of the DP layers: thin; the math lives in dpkernels.ops."""
+from .attention import DPPackedProjectionFunction, DPSplitProjectionFunction
 from .conv import DPConvFunction
 from .embedding import DPEmbeddingFunction
 from .linear import DPLinearFunction
@@ -6,5 +7,5 @@ from .norm import DPGroupNormFunction, DPLayerNormFunction, DPRMSNormFunction
 
 __all__ = [
     "DPConvFunction", "DPEmbeddingFunction", "DPGroupNormFunction", "DPLayerNormFunction", "DPLinearFunction",
-    "DPRMSNormFunction",
+    "DPPackedProjectionFunction", "DPRMSNormFunction", "DPSplitProjectionFunction",
 ]

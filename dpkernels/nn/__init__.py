@@ -1,4 +1,5 @@
 """Drop-in DP modules and the converter for existing models."""
+from .attention import DPMultiheadAttention
 from .conv import DPConv1d, DPConv2d
 from .convert import convert, register_converter
 from .embedding import DPEmbedding
@@ -7,6 +8,6 @@ from .module import DPModule
 from .norm import DPGroupNorm, DPLayerNorm, DPRMSNorm
 
 __all__ = [
-    "DPConv1d", "DPConv2d", "DPEmbedding", "DPGroupNorm", "DPLayerNorm", "DPLinear", "DPModule", "DPRMSNorm",
+    "DPConv1d", "DPConv2d", "DPEmbedding", "DPGroupNorm", "DPLayerNorm", "DPLinear", "DPModule", "DPMultiheadAttention", "DPRMSNorm",
     "convert", "register_converter",
 ]

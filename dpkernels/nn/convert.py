@@ -12,6 +12,7 @@ from typing import Callable, Dict, Type
 import torch.nn as nn
 
 from .conv import DPConv1d, DPConv2d
+from .attention import DPMultiheadAttention
 from .embedding import DPEmbedding
 from .linear import DPLinear
 from .norm import DPGroupNorm, DPLayerNorm, DPRMSNorm
@@ -24,6 +25,7 @@ _CONVERTERS: Dict[Type[nn.Module], Callable[[nn.Module], nn.Module]] = {
     nn.GroupNorm: DPGroupNorm.from_group_norm,
     nn.Conv1d: DPConv1d.from_conv,
     nn.Conv2d: DPConv2d.from_conv,
+    nn.MultiheadAttention: DPMultiheadAttention.from_multihead_attention,
 }
 
 
