@@ -117,9 +117,9 @@ def make_private(
     """Make ``loss.backward(); optimizer.step()`` one DP-SGD step with per-example clipping.
 
     The model's layers with a per-example clipping path become their DP versions in place,
-    sharing their parameters (``dpkernels.nn.convert``: nn.Linear → DPLinear, nn.Embedding →
-    DPEmbedding, nn.LayerNorm / nn.RMSNorm / nn.GroupNorm → DPLayerNorm / DPRMSNorm /
-    DPGroupNorm); any other trainable parameter (BatchNorm's, a custom layer's) is refused with
+    sharing their parameters (``dpkernels.nn.convert``: nn.Linear → DPLinear, nn.Conv1d/2d →
+    DPConv1d/2d, nn.Embedding → DPEmbedding, nn.LayerNorm / nn.RMSNorm / nn.GroupNorm →
+    DPLayerNorm / DPRMSNorm / DPGroupNorm, nn.MultiheadAttention → DPMultiheadAttention); any other trainable parameter (BatchNorm's, a custom layer's) is refused with
     an error naming its module, as is an optimizer that updates a parameter without a clipping
     path. After it, one backward pass records per-example
     norms, and ``optimizer.step()`` writes (Σ_i clip_C(g_i) + σ·C·z) / B̄ into every parameter's
