@@ -44,20 +44,11 @@ class DPMultiheadAttention(nn.MultiheadAttention, DPModule):
     @classmethod
     def from_multihead_attention(cls, mha: nn.MultiheadAttention) -> "DPMultiheadAttention":
         """A DPMultiheadAttention sharing ``mha``'s Parameter objects (its out_proj becomes a DPLinear)."""
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        for attr in ("embed_dim", "kdim", "vdim", "_qkv_same_embed_dim", "num_heads", "dropout", "batch_first",
-                     "head_dim", "add_zero_attn"):
-            setattr(new, attr, getattr(mha, attr))
-        for name in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias"):
-            p = getattr(mha, name)
-            if p is None:
-                new.register_parameter(name, None)
-            else:
-                setattr(new, name, p)
+        new = cls.adopt(mha, ("embed_dim", "kdim", "vdim", "_qkv_same_embed_dim", "num_heads", "dropout",
+                              "batch_first", "head_dim", "add_zero_attn"),
+                        ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias",
+                         "bias_k", "bias_v"))
         new.out_proj = DPLinear.from_linear(mha.out_proj)
-        new.bias_k, new.bias_v = mha.bias_k, mha.bias_v
-        new.train(mha.training)
         return new
 
     # ---- which parameters this module clips (out_proj is its own DP layer) -------------

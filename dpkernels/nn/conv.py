@@ -36,18 +36,7 @@ class _DPConvNd(DPModule):
         """A DP convolution sharing ``conv``'s Parameter objects (optimizers keep pointing at them)."""
         if not isinstance(conv, cls._torch_type):
             raise TypeError(f"{cls.__name__}.from_conv needs an nn.{cls._torch_type.__name__}, got {type(conv).__name__}")
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        for attr in _CONV_ATTRS:
-            value = getattr(conv, attr)
-            setattr(new, attr, list(value) if isinstance(value, list) else value)
-        new.weight = conv.weight
-        if conv.bias is not None:
-            new.bias = conv.bias
-        else:
-            new.register_parameter("bias", None)
-        new.train(conv.training)
-        return new
+        return cls.adopt(conv, _CONV_ATTRS, ("weight", "bias"))
 
     def dp_unsupported_reason(self) -> Optional[str]:
         if self._bias_trainable() and not self.weight.requires_grad:

@@ -28,14 +28,8 @@ class DPEmbedding(nn.Embedding, DPModule):
     @classmethod
     def from_embedding(cls, embedding: nn.Embedding) -> "DPEmbedding":
         """A DPEmbedding sharing ``embedding``'s Parameter (optimizers keep pointing at it)."""
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        for attr in ("num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type",
-                     "scale_grad_by_freq", "sparse"):
-            setattr(new, attr, getattr(embedding, attr))
-        new.weight = embedding.weight
-        new.train(embedding.training)
-        return new
+        return cls.adopt(embedding, ("num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type",
+                                     "scale_grad_by_freq", "sparse"), ("weight",))
 
     def dp_unsupported_reason(self) -> Optional[str]:
         """Why this layer, as configured, cannot be trained with per-example clipping (None if it can)."""

@@ -34,17 +34,7 @@ class DPLinear(nn.Linear, DPModule):
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "DPLinear":
         """A DPLinear sharing ``linear``'s Parameter objects (optimizers keep pointing at them)."""
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        new.in_features = linear.in_features
-        new.out_features = linear.out_features
-        new.weight = linear.weight
-        if linear.bias is not None:
-            new.bias = linear.bias
-        else:
-            new.register_parameter("bias", None)
-        new.train(linear.training)
-        return new
+        return cls.adopt(linear, ("in_features", "out_features"), ("weight", "bias"))
 
     def dp_unsupported_reason(self) -> Optional[str]:
         if self._bias_trainable() and not self.weight.requires_grad:

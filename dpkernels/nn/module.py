@@ -6,9 +6,10 @@ noised gradients at step time. Outside an engine it behaves exactly like its tor
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 import torch
+import torch.nn as nn
 
 from ..ops.philox import PhiloxKey
 
@@ -17,6 +18,26 @@ class DPModule:
     """Mixin for layers with a per-example clipping path (see DPLinear)."""
 
     _dp_collector: Optional[Any] = None
+
+    @classmethod
+    def adopt(cls, source: nn.Module, attributes: Sequence[str], parameters: Sequence[str]) -> Any:
+        """An instance of this DP class built from the torch layer ``source`` without running its
+        constructor: the listed plain ``attributes`` copied, the listed ``parameters`` the very same
+        Parameter objects (or registered as None where ``source`` has None), the training mode kept.
+        Optimizers built before the conversion keep pointing at the right tensors."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        for name in attributes:
+            value = getattr(source, name)
+            setattr(new, name, list(value) if isinstance(value, list) else value)
+        for name in parameters:
+            param = getattr(source, name, None)
+            if param is None:
+                new.register_parameter(name, None)
+            else:
+                setattr(new, name, param)
+        new.train(source.training)
+        return new
 
     def dp_attach(self, collector: Any) -> None:
         self._dp_collector = collector

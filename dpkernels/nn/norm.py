@@ -68,15 +68,6 @@ class _DPAffineNorm(DPModule):
         return grads
 
 
-def _share_params(new: nn.Module, old: nn.Module, names=("weight", "bias")) -> None:
-    for name in names:
-        p = getattr(old, name, None)
-        if p is not None:
-            setattr(new, name, p)
-        elif name in old._parameters:
-            new.register_parameter(name, None)
-
-
 class DPLayerNorm(nn.LayerNorm, _DPAffineNorm):
     """``nn.LayerNorm`` (same constructor, parameters and state_dict) for DP training.
 
@@ -90,12 +81,7 @@ class DPLayerNorm(nn.LayerNorm, _DPAffineNorm):
         """A DPLayerNorm sharing ``ln``'s Parameter objects (``ln`` itself when it has no affine parameters)."""
         if not ln.elementwise_affine:
             return ln
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        new.normalized_shape, new.eps, new.elementwise_affine = ln.normalized_shape, ln.eps, ln.elementwise_affine
-        _share_params(new, ln)
-        new.train(ln.training)
-        return new
+        return cls.adopt(ln, ("normalized_shape", "eps", "elementwise_affine"), ("weight", "bias"))
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not self._private():
@@ -118,12 +104,7 @@ class DPRMSNorm(nn.RMSNorm, _DPAffineNorm):
     def from_rms_norm(cls, rms: nn.RMSNorm) -> nn.Module:
         if not rms.elementwise_affine:
             return rms
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        new.normalized_shape, new.eps, new.elementwise_affine = rms.normalized_shape, rms.eps, rms.elementwise_affine
-        _share_params(new, rms, ("weight",))
-        new.train(rms.training)
-        return new
+        return cls.adopt(rms, ("normalized_shape", "eps", "elementwise_affine"), ("weight",))
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not self._private():
@@ -146,12 +127,7 @@ class DPGroupNorm(nn.GroupNorm, _DPAffineNorm):
     def from_group_norm(cls, gn: nn.GroupNorm) -> nn.Module:
         if not gn.affine:
             return gn
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        new.num_groups, new.num_channels, new.eps, new.affine = gn.num_groups, gn.num_channels, gn.eps, gn.affine
-        _share_params(new, gn)
-        new.train(gn.training)
-        return new
+        return cls.adopt(gn, ("num_groups", "num_channels", "eps", "affine"), ("weight", "bias"))
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not self._private():
