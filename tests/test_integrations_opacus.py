@@ -14,6 +14,7 @@ import torch.nn as nn
 
 opacus = pytest.importorskip("opacus")
 
+from opacus.grad_sample.embedding_norm_sample import compute_embedding_norm_sample  # noqa: E402
 from opacus.grad_sample.linear import compute_linear_norm_sample  # noqa: E402
 
 import dpkernels.integrations.opacus as dpk_opacus  # noqa: E402
@@ -99,11 +100,51 @@ def test_opacus_ghost_step_is_unchanged_and_uses_the_fused_kernels(monkeypatch, 
 
 def test_restore_gives_back_opacus_sampler():
     registry = dpk_opacus._registry()
-    original = registry[nn.Linear]
+    original = {t: registry[t] for t in (nn.Linear, nn.Embedding)}
     dpk_opacus.use_fused_norms()
     dpk_opacus.use_fused_norms(method="ghost")  # a second call keeps the original to restore
-    assert registry[nn.Linear] is not original
+    assert all(registry[t] is not original[t] for t in original)
     dpk_opacus.restore_opacus_norms()
-    assert registry[nn.Linear] is original
+    assert all(registry[t] is original[t] for t in original)
     dpk_opacus.restore_opacus_norms()  # idempotent
-    assert registry[nn.Linear] is original
+    assert all(registry[t] is original[t] for t in original)
+
+
+@pytest.mark.parametrize("shape,vocab", [((5, 9), 4), ((1, 17), 30), ((6,), 3), ((3, 4, 5), 7)])
+def test_embedding_norms_equal_opacus_own(device, backend, shape, vocab):
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, vocab, shape, generator=g).to(device)  # small vocabularies: tokens repeat
+    grads = torch.randn(*shape, 6, generator=g).to(device)
+    layer = nn.Embedding(vocab, 6).to(device)
+    ours = dpk_opacus.embedding_norm_sample(layer, [ids], grads, backend=backend)
+    ids2, grads2 = (ids.unsqueeze(1), grads.unsqueeze(1)) if ids.dim() == 1 else (ids, grads)
+    theirs = compute_embedding_norm_sample(layer, [ids2.reshape(shape[0], -1)], grads2.reshape(shape[0], -1, 6).double())
+    torch.testing.assert_close(ours[layer.weight].double(), theirs[layer.weight].double(), rtol=1e-5, atol=1e-7)
+
+
+def test_opacus_ghost_step_with_an_embedding_uses_the_fused_kernel(monkeypatch, backend, device):
+    torch.manual_seed(0)
+
+    class Bag(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(7, 8)
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, ids):
+            return self.fc(self.emb(ids))
+
+    model = Bag().to(device)
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 7, (5, 6), generator=g).to(device)
+    y = torch.randint(0, 3, (5, 6), generator=g).to(device)
+    reference = _ghost_step(copy.deepcopy(model), ids, y)
+    calls = []
+    fused = dpk_opacus.functional.embedding_sq_norms
+    monkeypatch.setattr(dpk_opacus.functional, "embedding_sq_norms",
+                        lambda *a, **k: calls.append(k.get("backend")) or fused(*a, **k))
+    dpk_opacus.use_fused_norms(backend=backend)
+    ours = _ghost_step(copy.deepcopy(model), ids, y)
+    assert calls == [backend]
+    for n in reference:
+        torch.testing.assert_close(ours[n], reference[n], rtol=1e-5, atol=1e-7, msg=n)

@@ -5,7 +5,9 @@ Opacus (1.5 and later) computes the per-sample gradient norms of ghost clipping
 sampler" per layer type. Its sampler for ``nn.Linear`` materialises, for (B, T, d) inputs, the
 B×T×T Gram matrices of the input and of the output gradient. ``use_fused_norms()`` registers
 ``linear_norm_sample`` instead, which computes the same norms with
-``dpkernels.functional.linear_sq_norms`` (fused ghost/direct kernels, nothing T×T stored):
+``dpkernels.functional.linear_sq_norms`` (fused ghost/direct kernels, nothing T×T stored), and
+``embedding_norm_sample`` for ``nn.Embedding`` (``functional.embedding_sq_norms``, where Opacus
+builds and sorts index pairs):
 
     import dpkernels.integrations.opacus as dpk_opacus
     dpk_opacus.use_fused_norms()        # every Opacus ghost-clipping model from now on
@@ -55,6 +57,30 @@ def linear_norm_sample(
     return ret
 
 
+def embedding_norm_sample(
+    layer: nn.Embedding,
+    activations: List[torch.Tensor],
+    backprops: torch.Tensor,
+    *,
+    backend: Optional[str] = None,
+) -> Dict[nn.Parameter, torch.Tensor]:
+    """Opacus norm sampler for ``nn.Embedding``: {weight: per-sample gradient norm (B,)}.
+
+    ``activations[0]`` are the token ids (B,) or (B, *), ``backprops`` the output gradient
+    (ids.shape + (p,)). Positions holding ``layer.padding_idx`` contribute nothing, as in the
+    gradient nn.Embedding computes.
+    """
+    ret: Dict[nn.Parameter, torch.Tensor] = {}
+    if layer.weight.requires_grad:
+        sq = functional.embedding_sq_norms(activations[0], backprops, num_embeddings=layer.num_embeddings,
+                                           padding_idx=layer.padding_idx, backend=backend)
+        ret[layer.weight] = sq.sqrt().to(backprops.dtype)
+    return ret
+
+
+_FUSED = {"linear": nn.Linear, "embedding": nn.Embedding}
+
+
 def _registry() -> dict:
     try:
         from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import GradSampleModuleFastGradientClipping
@@ -64,24 +90,31 @@ def _registry() -> dict:
 
 
 def use_fused_norms(method: str = "auto", backend: Optional[str] = None) -> None:
-    """Make Opacus' ghost clipping compute ``nn.Linear`` norms with dpkernels' fused kernels.
+    """Make Opacus' ghost clipping compute ``nn.Linear`` and ``nn.Embedding`` norms with dpkernels'
+    fused kernels.
 
     Affects every ghost-clipping model, also ones already wrapped (Opacus looks the sampler up at
-    each backward). ``method`` and ``backend`` are those of ``functional.linear_sq_norms``.
+    each backward). ``method`` (linear layers) and ``backend`` are those of ``functional.linear_sq_norms``.
     """
     registry = _registry()
-    if "linear" not in _saved:
-        _saved["linear"] = registry.get(nn.Linear)
-    registry[nn.Linear] = functools.partial(linear_norm_sample, method=method, backend=backend)
+    samplers = {
+        "linear": functools.partial(linear_norm_sample, method=method, backend=backend),
+        "embedding": functools.partial(embedding_norm_sample, backend=backend),
+    }
+    for name, layer_type in _FUSED.items():
+        if name not in _saved:
+            _saved[name] = registry.get(layer_type)
+        registry[layer_type] = samplers[name]
 
 
 def restore_opacus_norms() -> None:
-    """Undo ``use_fused_norms``: Opacus' own ``nn.Linear`` norm sampler again."""
+    """Undo ``use_fused_norms``: Opacus' own norm samplers again."""
     registry = _registry()
-    if "linear" not in _saved:
-        return
-    previous = _saved.pop("linear")
-    if previous is None:
-        registry.pop(nn.Linear, None)
-    else:
-        registry[nn.Linear] = previous
+    for name, layer_type in _FUSED.items():
+        if name not in _saved:
+            continue
+        previous = _saved.pop(name)
+        if previous is None:
+            registry.pop(layer_type, None)
+        else:
+            registry[layer_type] = previous
