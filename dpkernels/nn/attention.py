@@ -137,14 +137,15 @@ class DPMultiheadAttention(nn.MultiheadAttention, DPModule):
         """softmax(q kᵀ/√d + mask) v per head, as nn.MultiheadAttention computes it; q (N, L, E), k/v (N, S, E)."""
         N, L, E = q.shape
         H, Dh = self.num_heads, self.head_dim
-        if self.bias_k is not None:  # frozen (dp_unsupported_reason refuses trainable ones)
-            k = torch.cat([k, self.bias_k.expand(N, 1, E)], dim=1)
-            v = torch.cat([v, self.bias_v.expand(N, 1, E)], dim=1)
-            attn_mask = F.pad(attn_mask, (0, 1)) if attn_mask is not None else None
-            key_padding_mask = F.pad(key_padding_mask, (0, 1)) if key_padding_mask is not None else None
+        # key/value rows appended after the projections, in torch's order: bias_k/bias_v (frozen:
+        # dp_unsupported_reason refuses trainable ones), then zeros; the masks grow with them
+        appended = []
+        if self.bias_k is not None:
+            appended.append((self.bias_k.expand(N, 1, E), self.bias_v.expand(N, 1, E)))
         if self.add_zero_attn:
-            k = torch.cat([k, k.new_zeros(N, 1, E)], dim=1)
-            v = torch.cat([v, v.new_zeros(N, 1, E)], dim=1)
+            appended.append((k.new_zeros(N, 1, E), v.new_zeros(N, 1, E)))
+        for k_row, v_row in appended:
+            k, v = torch.cat([k, k_row], dim=1), torch.cat([v, v_row], dim=1)
             attn_mask = F.pad(attn_mask, (0, 1)) if attn_mask is not None else None
             key_padding_mask = F.pad(key_padding_mask, (0, 1)) if key_padding_mask is not None else None
         S = k.shape[1]

@@ -8,7 +8,8 @@ of a batch, and ``make_private`` refuses it.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+import contextlib
+from typing import ContextManager, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -18,6 +19,14 @@ from ..autograd.norm import DPGroupNormFunction, DPLayerNormFunction, DPRMSNormF
 from ..ops.philox import PhiloxKey
 from .linear import _autocast_enabled
 from .module import DPModule
+
+
+def _float32_under_autocast(input: torch.Tensor) -> Tuple[torch.Tensor, ContextManager]:
+    """Under autocast, the input in float32 and a context with autocast off (CUDA autocast runs norm
+    layers in float32); otherwise the input as it is and a no-op context."""
+    if _autocast_enabled(input.device.type):
+        return input.float(), torch.autocast(input.device.type, enabled=False)
+    return input, contextlib.nullcontext()
 
 
 class _DPAffineNorm(DPModule):
@@ -88,12 +97,10 @@ class DPLayerNorm(nn.LayerNorm, _DPAffineNorm):
             return super().forward(input)
         batch_dim = self._batch_dim(input, len(self.normalized_shape))
         collector = self._dp_collector.for_module(self)
-        if _autocast_enabled(input.device.type):
-            with torch.autocast(input.device.type, enabled=False):
-                return DPLayerNormFunction.apply(
-                    input.float(), self.weight, self.bias, tuple(self.normalized_shape), self.eps, collector, batch_dim)
-        return DPLayerNormFunction.apply(input, self.weight, self.bias, tuple(self.normalized_shape), self.eps,
-                                         collector, batch_dim)
+        x, precision = _float32_under_autocast(input)
+        with precision:
+            return DPLayerNormFunction.apply(x, self.weight, self.bias, tuple(self.normalized_shape), self.eps,
+                                             collector, batch_dim)
 
 
 class DPRMSNorm(nn.RMSNorm, _DPAffineNorm):
@@ -111,7 +118,7 @@ class DPRMSNorm(nn.RMSNorm, _DPAffineNorm):
             return super().forward(input)
         batch_dim = self._batch_dim(input, len(self.normalized_shape))
         collector = self._dp_collector.for_module(self)
-        x = input.float() if _autocast_enabled(input.device.type) else input
+        x, _ = _float32_under_autocast(input)  # computed in float32 inside anyway: no autocast to switch off
         eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
         return DPRMSNormFunction.apply(x, self.weight, tuple(self.normalized_shape), eps, collector, batch_dim)
 
@@ -140,8 +147,6 @@ class DPGroupNorm(nn.GroupNorm, _DPAffineNorm):
                 "for an empty batch instead of running the model"
             )
         collector = self._dp_collector.for_module(self)
-        if _autocast_enabled(input.device.type):
-            with torch.autocast(input.device.type, enabled=False):
-                return DPGroupNormFunction.apply(input.float(), self.weight, self.bias, self.num_groups, self.eps,
-                                                 collector)
-        return DPGroupNormFunction.apply(input, self.weight, self.bias, self.num_groups, self.eps, collector)
+        x, precision = _float32_under_autocast(input)
+        with precision:
+            return DPGroupNormFunction.apply(x, self.weight, self.bias, self.num_groups, self.eps, collector)
