@@ -151,8 +151,11 @@ if HAS_TRITON:
         HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
         BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
-        b = tl.program_id(0).to(tl.int64)
-        pair = tl.program_id(1)
+        # one program per (example, tile pair) on a 1-D grid: the 2nd grid axis stops at 65535
+        # tile pairs, which T > ~23k (block 64) would pass
+        pid = tl.program_id(0).to(tl.int64)
+        b = pid // n_pairs
+        pair = pid % n_pairs
         ti = tl.load(pairs_ptr + 2 * pair)
         si = tl.load(pairs_ptr + 2 * pair + 1)
         rows_t = ti * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -168,7 +171,7 @@ if HAS_TRITON:
                             IEEE, UPCAST, BLOCK_T, BLOCK_K)
 
         weight = tl.where(ti == si, 1.0, 2.0)
-        out_off = b * n_pairs + pair
+        out_off = pid  # = b * n_pairs + pair
         tl.store(out_w_ptr + out_off, weight * tl.sum(tl.sum(gram_x * gram_g, axis=1), axis=0))
         if HAS_BIAS:
             tl.store(out_b_ptr + out_off, weight * tl.sum(tl.sum(gram_g, axis=1), axis=0))
@@ -268,9 +271,9 @@ def linear_sq_norms_triton(x: torch.Tensor, g: torch.Tensor, bias: bool, method:
         )
         flags = dict(HAS_BIAS=bias, **dot_flags(x.dtype), BLOCK_T=block_t)
         if use_autotune():
-            _ghost_tuned[(B, n_pairs)](*args, **flags)
+            _ghost_tuned[(B * n_pairs,)](*args, **flags)
         else:
-            _ghost_kernel[(B, n_pairs)](*args, **flags, BLOCK_K=64)
+            _ghost_kernel[(B * n_pairs,)](*args, **flags, BLOCK_K=64)
         return out_w.sum(dim=1) + out_b.sum(dim=1) if bias else out_w.sum(dim=1)
     if method == "direct":
         d_cols = d + 1 if bias else d  # the bias is a column of ones appended to x
