@@ -621,9 +621,12 @@ def conv_clipped_grad(
 
     Inputs as in ``conv_sq_norms``; clip_factors (B,). grad_weight has ``weight_shape``,
     grad_bias is (C_out,) (None when ``bias=False``), both in ``out_dtype`` (default x's dtype),
-    accumulated in float32. ``generator`` as in ``linear_clipped_grad``: the weight's draws are
-    philox_normal(key) at the element's row-major index in the weight (for groups > 1 as well:
-    the noise is added once over the whole weight), the bias's come from stream + 1.
+    accumulated in float32. The sum is torch's convolution weight gradient of (c∘G, x) (see
+    ``dpkernels.ops.conv_patches.clipped_weight_sum``; it follows ``torch.backends.cudnn.allow_tf32``
+    as the non-private backward does); ``backend`` picks the noise generator and the bias's
+    clip-sum-noise. ``generator`` as in ``linear_clipped_grad``: the weight's draws are
+    philox_normal(key) at the element's row-major index in the weight, the bias's come from
+    stream + 1.
     """
     geometry = _conv_geometry_and_check(x, grad_output, weight_shape, stride, padding, dilation, groups, padding_mode)
     B = x.shape[0]
@@ -635,22 +638,12 @@ def conv_clipped_grad(
     if bias and key.stream == 2**32 - 1:
         raise ValueError("the bias draws from stream + 1: the weight's stream must be below 2**32 - 1")
     out_dtype = out_dtype or x.dtype
-    patches = _conv.input_patches(x, geometry)  # (g, B, L, d)
-    rows = _conv.output_gradient_rows(grad_output, geometry)  # (g, B, L, C_out/g)
-    C_out, d = geometry.out_channels, geometry.patch_features
-    if groups == 1:  # the linear layer's own element indices are the weight's: noise fused in its GEMM
-        grad_w, _ = linear_clipped_grad(patches[0], rows[0], c, bias=False, noise_std=noise_std, generator=key,
-                                        backend=backend, out_dtype=out_dtype)
-    else:  # group j fills rows j·C_out/g..: noise added once over the whole (C_out, d) weight
-        per_group = C_out // groups
-        acc = torch.empty((C_out, d), dtype=torch.float32, device=x.device)
-        for j in range(groups):
-            acc[j * per_group:(j + 1) * per_group], _ = linear_clipped_grad(
-                patches[j], rows[j], c, bias=False, generator=key, backend=backend, out_dtype=torch.float32)
-        if noise_std != 0.0:
-            acc += gaussian_noise((C_out, d), std=noise_std, generator=key, device=x.device, backend=backend)
-        grad_w = acc.to(out_dtype)
-    del patches
+    # Σ_i c_i ∇W_i is the convolution's own weight gradient of (c∘G, x): torch's conv backward
+    # (cuDNN on a GPU), every group in one call, no patches; float32 operands, then the noise once
+    grad_w = _conv.clipped_weight_sum(x, grad_output, c, geometry)
+    if noise_std != 0.0:
+        grad_w += gaussian_noise(grad_w.shape, std=noise_std, generator=key, device=x.device, backend=backend)
+    grad_w = grad_w.to(out_dtype)
     grad_b = None
     if bias:
         bias_key = PhiloxKey(key.seed, key.step, key.stream + 1)

@@ -18,8 +18,10 @@ and everything the linear layer computes carries over:
     ‖g_i‖²     = Σ_j ‖G_ijᵀ U_ij‖²_F + ‖Σ_l G_il‖²
                  (``linear_sq_norms`` on (U_ij, G_ij), any method; the groups are folded into the
                  batch axis as g·B independent "examples" and summed per example afterwards)
-    clipped W_j = Σ_i c_i G_ijᵀ U_ij   (``linear_clipped_grad`` on (U_j, G_j), one call per group),
-                 written into rows j·C_out/g .. of the (C_out, d) weight, reshaped to W's shape.
+    clipped W   = Σ_i c_i ∇W_i = the weight gradient of the convolution for the output gradient
+                 c∘G (example i's rows scaled by c_i), since the weight gradient is linear in G:
+                 torch's own convolution backward computes it (``clipped_weight_sum``: cuDNN on
+                 a GPU, all groups in one call, no patches), in float32.
 
 A 1-D convolution is the 2-D one with H = 1 (kernel, stride, dilation 1 and no padding on H).
 
@@ -32,13 +34,12 @@ Memory
 The patches are materialised: U is B·L·C_in·∏k elements in x's dtype, about ∏k times the input
 (∏k / stride² for strided convolutions), per layer. They are built from a strided window view
 of the padded input by one copy into the (g, B, L, d) layout the linear kernels read, so that
-copy is the only one (a 1×1 convolution of a channels-last input needs none). They are
-transient: built in backward for the norms and freed, built again at step time for the clipped
-sum (under per-layer clipping both happen in backward); the engine keeps only (x, G). G is
-copied once into (g, B, L, C_out/g), the size of the layer's output. Future work (DESIGN.md):
-a fused kernel that indexes the patches implicitly (implicit im2col) instead of materialising
-them, and one launch for all groups of a grouped/depthwise convolution instead of one per group
-in the clipped sum.
+copy is the only one (a 1×1 convolution of a channels-last input needs none). They exist only
+for the norms, in backward, and are freed there; the engine keeps only (x, G). G is copied
+once into (g, B, L, C_out/g), the size of the layer's output. The clipped sum needs no patches:
+it holds c∘G in float32 (and x in float32 when x is not) while torch's conv backward runs.
+Future work (DESIGN.md): norm kernels that index the patches implicitly (implicit im2col)
+instead of materialising them.
 """
 from __future__ import annotations
 
@@ -177,6 +178,25 @@ def pad_for_conv(x: torch.Tensor, geometry: ConvGeometry) -> Tuple[torch.Tensor,
         return x, conv_padding
     mode = "constant" if geometry.padding_mode == "zeros" else geometry.padding_mode
     return F.pad(x, fpad, mode=mode), conv_padding
+
+
+def clipped_weight_sum(x: torch.Tensor, grad_output: torch.Tensor, clip_factors: torch.Tensor,
+                       geometry: ConvGeometry) -> torch.Tensor:
+    """Σ_i c_i ∇W_i, float32, in the weight's shape: the weight gradient torch's convolution
+    backward computes for the output gradient c∘G (each example's rows scaled by its factor),
+    since that gradient is linear in G. No patches; every group in one call. Operands in
+    float32, so the sum is accumulated in float32 (on a GPU with cuDNN's TF32 setting,
+    ``torch.backends.cudnn.allow_tf32``, as the non-private conv backward is)."""
+    B = x.shape[0]
+    scaled = grad_output.float() * clip_factors.view(B, *([1] * (grad_output.dim() - 1)))
+    xp, conv_padding = pad_for_conv(x, geometry)
+    weight_shape = (geometry.out_channels, geometry.in_channels // geometry.groups, *geometry._native(geometry.kernel))
+    weight = torch.empty(weight_shape, device=x.device)  # for its shape: the values are not read
+    return torch.ops.aten.convolution_backward(
+        scaled, xp.float(), weight, None, list(geometry._native(geometry.stride)), list(conv_padding),
+        list(geometry._native(geometry.dilation)), False, [0] * geometry.spatial_dims, geometry.groups,
+        [False, True, False],
+    )[1]
 
 
 def input_patches(x: torch.Tensor, geometry: ConvGeometry) -> torch.Tensor:
