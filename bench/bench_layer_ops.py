@@ -1,5 +1,5 @@
-"""Micro-benchmark of the embedding and normalisation-layer kernels against what non-private
-backward does for the same parameter.
+"""Micro-benchmark of the embedding, convolution and normalisation-layer kernels against what
+non-private backward does for the same parameter.
 
 Embedding, tokens (B, T) into a (V, p) table, G (B, T, p) random:
 
@@ -10,6 +10,14 @@ Embedding, tokens (B, T) into a (V, p) table, G (B, T, p) random:
                     over the whole table
     noise alone     functional.gaussian_noise of the table: the part of the clipped grad that
                     non-private training never pays (V·p draws, one write)
+
+Conv2d, x (B, C_in, H, W) with a k×k kernel (and groups), G its output gradient:
+
+    backward        torch.nn.grad.conv2d_weight: the non-private weight gradient (cuDNN)
+    norms auto / ghost / direct
+                    functional.conv_sq_norms (patches materialised, then the fused linear kernels)
+    torch norms     the same on the torch backend
+    clipped grad    functional.conv_clipped_grad(noise_std=1): conv backward of (c∘G, x) + noise
 
 LayerNorm, x (B, T, n), and GroupNorm, x (B, C, H, W):
 
@@ -44,6 +52,9 @@ import torch  # noqa: E402
 # (B, T, V, p): GPT-2 tokens, a LLaMA-sized table with long sequences, T = 1 (a lookup per example)
 EMBEDDING_SHAPES = [(32, 256, 50257, 768), (8, 2048, 32000, 4096), (256, 1, 50257, 768)]
 SMOKE_EMBEDDING_SHAPES = [(2, 9, 17, 12), (5, 1, 11, 8)]
+# (B, C_in, H=W, C_out, k, groups): a CIFAR ResNet block, a deeper ResNet stage, a ConvNeXt-style depthwise 7×7
+CONV_SHAPES = [(64, 64, 32, 64, 3, 1), (32, 256, 14, 256, 3, 1), (32, 384, 28, 384, 7, 384)]
+SMOKE_CONV_SHAPES = [(2, 3, 7, 5, 3, 1), (2, 4, 6, 4, 3, 2)]
 # ("layer", B, T, n) / ("group", B, C, H·W, groups)
 NORM_SHAPES = [("layer", 32, 256, 768), ("layer", 8, 2048, 4096), ("group", 64, 256, 1024, 32)]
 SMOKE_NORM_SHAPES = [("layer", 3, 7, 10), ("group", 2, 6, 9, 3)]
@@ -95,6 +106,40 @@ def run_embedding(shape, dtype: torch.dtype, device: torch.device, args, backend
         check = float(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item())
     return {"layer": "embedding", "shape": f"B={B} T={T} V={V} p={p}", "dtype": common.dtype_name(dtype),
             "check_rel_err": check, "rows": _time(fns, device, args, "backward")}
+
+
+def run_conv(shape, dtype: torch.dtype, device: torch.device, args, backend: str) -> Dict[str, Any]:
+    from dpkernels import functional
+    from dpkernels.ops.philox import PhiloxKey
+
+    B, C_in, HW, C_out, k, groups = shape
+    gen = common.generator(device, args.seed + 13)
+    x = common.randn((B, C_in, HW, HW), dtype=dtype, device=device, gen=gen)
+    w_shape = (C_out, C_in // groups, k, k)
+    G = common.randn((B, C_out, HW, HW), dtype=dtype, device=device, gen=gen, scale=1e-2)  # padding k // 2
+    c = torch.rand(B, generator=gen, device=device) * 0.9 + 0.1
+    key = PhiloxKey(seed=args.seed + 1, step=0, stream=0)
+    conv = dict(padding=k // 2, groups=groups)
+
+    def norms(method: str, be: str) -> Callable[[], Any]:
+        return lambda: functional.conv_sq_norms(x, G, w_shape, method=method, backend=be, **conv)
+
+    fns = {
+        "backward": lambda: torch.nn.grad.conv2d_weight(x, w_shape, G, padding=k // 2, groups=groups),
+        "norms auto": norms("auto", backend),
+        "norms ghost": norms("ghost", backend),
+        "norms direct": norms("direct", backend),
+        "torch norms": norms("auto", "torch"),
+        "clipped grad": lambda: functional.conv_clipped_grad(x, G, c, w_shape, noise_std=1.0, generator=key,
+                                                             backend=backend, **conv),
+    }
+    check = None
+    if args.check:
+        a, b = fns["norms auto"](), fns["torch norms"]()
+        check = float(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item())
+    desc = f"Conv2d B={B} C_in={C_in} {HW}x{HW} C_out={C_out} k={k}" + (f" groups={groups}" if groups > 1 else "")
+    return {"layer": "conv2d", "shape": desc, "dtype": common.dtype_name(dtype), "check_rel_err": check,
+            "rows": _time(fns, device, args, "backward")}
 
 
 def run_norm(shape, dtype: torch.dtype, device: torch.device, args, backend: str) -> Dict[str, Any]:
@@ -175,19 +220,20 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     device = common.pick_device(args.smoke)
     if args.smoke:
-        emb_shapes, norm_shapes = SMOKE_EMBEDDING_SHAPES, SMOKE_NORM_SHAPES
+        emb_shapes, conv_shapes, norm_shapes = SMOKE_EMBEDDING_SHAPES, SMOKE_CONV_SHAPES, SMOKE_NORM_SHAPES
         backend = args.backend or common.smoke_dp_backend()
         args.warmup, args.min_reps, args.max_reps, args.target_ms = 1, 2, 3, 1.0
     else:
-        emb_shapes, norm_shapes = EMBEDDING_SHAPES, NORM_SHAPES
+        emb_shapes, conv_shapes, norm_shapes = EMBEDDING_SHAPES, CONV_SHAPES, NORM_SHAPES
         backend = args.backend or "triton"
         args.warmup, args.min_reps, args.max_reps, args.target_ms = 5, 10, 100, 100.0
     budget = common.Budget(args.budget_s)
     env = common.env_record(device, script="bench_layer_ops", dp_backend=backend, smoke=args.smoke)
-    print(f"# embedding and norm-layer ops on {env['device']} (backend {backend}; commit {env['dpkernels_commit']})",
+    print(f"# embedding, conv and norm-layer ops on {env['device']} (backend {backend}; commit {env['dpkernels_commit']})",
           flush=True)
 
-    jobs = [(run_embedding, s) for s in emb_shapes] + [(run_norm, s) for s in norm_shapes]
+    jobs = ([(run_embedding, s) for s in emb_shapes] + [(run_conv, s) for s in conv_shapes]
+            + [(run_norm, s) for s in norm_shapes])
     results: List[Dict[str, Any]] = []
     for run, shape in jobs:
         for name in args.dtypes:
