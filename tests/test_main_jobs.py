@@ -23,10 +23,12 @@ def _env() -> dict:
     return env
 
 
-def test_demo_trains_privately_and_reports():
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_demo_trains_privately_and_reports(model):
     pytest.importorskip("sklearn")
     proc = subprocess.run(
-        [sys.executable, "-m", "dpkernels.demo", "--epochs", "2", "--batch-size", "256", "--lr", "0.2"],
+        [sys.executable, "-m", "dpkernels.demo", "--epochs", "2", "--batch-size", "256", "--lr", "0.2",
+         "--model", model],
         capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
