@@ -13,6 +13,7 @@ from ..nn.module import DPModule
 from ..ops.linear_sq_norms import METHODS
 from .clipping import make_plan
 from .collector import StepCollector
+from .distributed import RankGroup
 from .optimizer import LOSS_REDUCTIONS, DPOptimizer
 
 _BATCHNORM = (nn.modules.batchnorm._BatchNorm,)
@@ -113,6 +114,7 @@ def make_private(
     clipping: str = "flat",
     groups: Optional[Sequence[Sequence[str]]] = None,
     auto_clip_gamma: float = 0.01,
+    distributed: bool = False,
 ) -> Tuple[nn.Module, DPOptimizer]:
     """Make ``loss.backward(); optimizer.step()`` one DP-SGD step with per-example clipping.
 
@@ -148,6 +150,14 @@ def make_private(
     ``max_grad_norm`` C is split evenly over the K groups (C_k = C/√K); a list gives each C_k.
     Either way every example's clipped gradient has norm at most sqrt(Σ C_k²), and the noise
     is σ times that.
+
+    ``distributed``: data-parallel training over torch.distributed (initialised first, one
+    process per rank; no DDP wrapper). Every rank passes the same model, the global
+    ``expected_batch_size`` B̄ = q·N, and Poisson-samples its own disjoint shard of the data with
+    rate q. Rank 0's parameters are broadcast now; at each step the ranks' clipped sums are
+    added and rank 0 alone adds the noise, so every rank applies the update of the union batch
+    (``dpkernels.engine.distributed``). ``noise_only_step()`` is for a rank whose own batch is
+    empty; every rank must call step() or noise_only_step() each step.
     """
     _validate_numbers(noise_multiplier, max_grad_norm, expected_batch_size, loss_reduction)
     if not isinstance(batch_first, bool):
@@ -165,9 +175,13 @@ def make_private(
 
     if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
         raise ValueError(
-            f"make_private does not support {type(model).__name__} yet: its replicas and gradient "
-            "all-reduce bypass the per-example clipping path; pass the plain module"
+            f"make_private does not support {type(model).__name__}: its replicas and gradient "
+            "all-reduce bypass the per-example clipping path; pass the plain module, and for "
+            "several processes make_private(..., distributed=True)"
         )
+    if not isinstance(distributed, bool):
+        raise TypeError(f"distributed must be True or False, got {distributed!r}")
+    ranks = RankGroup(distributed)
     model = convert(model)
     dp_modules = _check_model(model)
 
@@ -184,6 +198,7 @@ def make_private(
     trainable_layers = [n for n, m in dp_modules if any(p.requires_grad for p in m.parameters(recurse=False))]
     plan = make_plan(clipping, trainable_layers, max_grad_norm, groups, auto_clip_gamma)
 
+    ranks.broadcast_module(model)  # every rank starts from rank 0's weights
     collector = StepCollector({m: n for n, m in dp_modules}, norm_method, backend, batch_first=batch_first)
     for _, module in dp_modules:
         module.dp_attach(collector)
@@ -207,5 +222,6 @@ def make_private(
         sample_rate=sample_rate,
         check_finite=check_finite,
         clipping=plan,
+        ranks=ranks,
     )
     return model, dp_optimizer

@@ -18,6 +18,10 @@ running sum, freeing the layers' (x, G). ``step()`` adds the last micro-batch, t
 and writes the gradients. The result equals one step on the whole logical batch, noise
 included (same counters).
 
+With ``make_private(distributed=True)`` each process clips its own examples and the ranks'
+clipped sums are added before the update, the noise drawn once by rank 0
+(``engine/distributed.py``).
+
 Noise is drawn from the Philox counter (seed, step, stream = parameter index): no two
 elements of any step share a draw, and a run is reproducible from its seed. The seed is
 never written into ``state_dict`` (it would let a checkpoint's reader subtract the noise).
@@ -35,6 +39,7 @@ from .. import functional
 from ..ops.philox import PhiloxKey
 from .clipping import ClippingPlan, make_plan
 from .collector import LayerRecord, StepCollector
+from .distributed import RankGroup
 
 LOSS_REDUCTIONS = ("mean", "sum")
 
@@ -64,8 +69,10 @@ class DPOptimizer(torch.optim.Optimizer):
         sample_rate: Optional[float] = None,
         check_finite: bool = True,
         clipping: Optional[ClippingPlan] = None,
+        ranks: Optional[RankGroup] = None,
     ) -> None:
         # Deliberately no super().__init__: this object owns no parameters of its own.
+        self.ranks = ranks if ranks is not None else RankGroup(distributed=False)
         self.original_optimizer = optimizer
         self.dp_modules = modules
         self._streams = streams
@@ -143,6 +150,11 @@ class DPOptimizer(torch.optim.Optimizer):
     def noise_std(self) -> float:
         """Standard deviation of the noise in the update, σ·C/B̄."""
         return self.noise_multiplier * self.max_grad_norm / self.expected_batch_size
+
+    @property
+    def _local_noise_std(self) -> float:
+        """The noise this process adds: all of it, or none on ranks other than 0 (engine/distributed.py)."""
+        return self.noise_std if self.ranks.draws_noise else 0.0
 
     def add_param_group(self, param_group: dict) -> None:
         raise ValueError(
@@ -282,7 +294,7 @@ class DPOptimizer(torch.optim.Optimizer):
             out_dtype = torch.float32 if any(v is not None for v in partial.values()) else None
             record = pending.get(self._name_of(module))
             if record is not None:
-                grads = self._clipped_sum(module, record, factors, self.noise_std, out_dtype)
+                grads = self._clipped_sum(module, record, factors, self._local_noise_std, out_dtype)
             else:  # clipped already (accumulate(), per-layer clipping) or absent from this batch: noise
                 grads = {n: self._noise_like(p, self._key(p, self._qualified(module, n)), out_dtype) for n, p in params}
             for n, p in params:
@@ -334,7 +346,8 @@ class DPOptimizer(torch.optim.Optimizer):
 
     def _noise_like(self, p: torch.Tensor, key: PhiloxKey, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         return functional.gaussian_noise(
-            p.shape, std=self.noise_std, generator=key, device=p.device, dtype=dtype or p.dtype, backend=self.backend
+            p.shape, std=self._local_noise_std, generator=key, device=p.device, dtype=dtype or p.dtype,
+            backend=self.backend,
         )
 
     def _clear_step_state(self) -> None:
@@ -377,15 +390,28 @@ class DPOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_param_groups()
+        failure: Optional[BaseException] = None
         try:
             self.write_private_grads()
-        except BaseException:
-            self._discard()  # no half-written gradients, no half-consumed records survive a failed step
-            raise
+        except BaseException as e:
+            failure = e
+        self._sum_over_ranks(failure)
         self._account()
         self.original_optimizer.step()
         self._finish_step()
         return loss
+
+    def _sum_over_ranks(self, failure: Optional[BaseException]) -> None:
+        """Refuse the step on every rank if it failed on any (else the sum would hang or miss a
+        rank's examples), then sum the ranks' gradients (a no-op in a single process)."""
+        params = [p for _, m in self.dp_modules for _, p in self._trainable(m)]
+        device = params[0].device if params else torch.device("cpu")
+        if not self.ranks.all_succeeded(failure is None, device):
+            self._discard()  # no half-written gradients, no half-consumed records survive a failed step
+            if failure is not None:
+                raise failure
+            raise RuntimeError("the private step failed on another rank; no update was made on any rank")
+        self.ranks.sum_([p.grad for p in params])
 
     @torch.no_grad()
     def noise_only_step(self) -> None:
@@ -397,6 +423,7 @@ class DPOptimizer(torch.optim.Optimizer):
         for _, module in self.dp_modules:
             for n, p in self._trainable(module):
                 p.grad = self._noise_like(p, self._key(p, self._qualified(module, n)))
+        self._sum_over_ranks(None)  # other ranks' batches may not be empty
         self._account()
         self.original_optimizer.step()
         self._finish_step()
