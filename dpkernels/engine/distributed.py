@@ -10,8 +10,8 @@ data set (expected size B̄ = q·N, the ``expected_batch_size`` every rank passe
 Clip factors are per example, so they are computed where the example is; the noise is drawn
 once, by rank 0, from its own secret seed, and summed in with the clipped gradients: the update
 every rank applies is exactly the single-process update of the union batch. DDP itself is not
-used: its gradient hooks all-reduce per-example-free gradients during backward, which the
-private path does not produce.
+used: its hooks all-reduce the parameters' .grad during backward, and the private path has
+none there (the engine writes .grad, clipped, at step time).
 
 Every collective happens in ``DPOptimizer.step`` / ``noise_only_step`` in the same order on
 every rank. Before the gradients are summed, the ranks agree on whether every rank computed its
