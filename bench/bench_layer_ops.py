@@ -15,7 +15,8 @@ Conv2d, x (B, C_in, H, W) with a k×k kernel (and groups), G its output gradient
 
     backward        torch.nn.grad.conv2d_weight: the non-private weight gradient (cuDNN)
     norms auto / ghost / direct
-                    functional.conv_sq_norms (patches materialised, then the fused linear kernels)
+                    functional.conv_sq_norms (direct: implicit-im2col Triton kernel; ghost:
+                    patches materialised, then the fused linear ghost kernel)
     torch norms     the same on the torch backend
     clipped grad    functional.conv_clipped_grad(noise_std=1): conv backward of (c∘G, x) + noise
 

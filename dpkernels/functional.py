@@ -26,6 +26,7 @@ import torch
 from . import _cuda
 from .ops import clip_sum_noise as _csn
 from .ops import conv_patches as _conv
+from .ops import conv_sq_norms as _conv_norms
 from .ops import embedding_grads as _emb
 from .ops import linear_clipped_grad as _lcg
 from .ops import linear_sq_norms as _lsn
@@ -585,12 +586,22 @@ def conv_sq_norms(
     same dtype (float32, bfloat16 or float16) and device. ``weight_shape`` (C_out, C_in/groups,
     *kernel) and the other arguments as for nn.Conv1d/nn.Conv2d (``padding`` "same"/"valid" or
     ints; ``padding_mode`` "zeros", "reflect", "replicate" or "circular"). ``bias`` adds the bias
-    gradient's norm; ``method`` as in ``linear_sq_norms``. The math and the memory cost (the
-    patches are materialised, about ∏k times x) are in ``dpkernels.ops.conv_patches``.
+    gradient's norm; ``method`` as in ``linear_sq_norms`` with L output positions as T. On the
+    Triton backend the direct method indexes the patches inside the kernel
+    (``dpkernels.ops.conv_sq_norms``); the ghost method and the torch backend materialise them,
+    about ∏k times x (``dpkernels.ops.conv_patches``).
     """
     if method not in _lsn.METHODS:
         raise ValueError(f"method must be one of {_lsn.METHODS}, got {method!r}")
     geometry = _conv_geometry_and_check(x, grad_output, weight_shape, stride, padding, dilation, groups, padding_mode)
+    L = math.prod(grad_output.shape[2:])
+    p_g = geometry.out_channels // geometry.groups
+    resolved = _lsn.choose_method(L, geometry.patch_features, p_g) if method == "auto" else method
+    if resolved == "direct" and L > 1 and select_backend(x.device, backend) != "torch":
+        norms = _conv_norms.conv_weight_sq_norms_triton(x, grad_output, geometry)
+        if bias:
+            norms = norms + grad_output.sum(dim=tuple(range(2, grad_output.dim())), dtype=torch.float32).square().sum(1)
+        return norms
     patches = _conv.input_patches(x, geometry)  # (g, B, L, d)
     rows = _conv.output_gradient_rows(grad_output, geometry)  # (g, B, L, C_out/g)
     g, B, L, d = patches.shape

@@ -19,6 +19,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from dpkernels.ops import _triton as kt  # noqa: E402
 from dpkernels.ops import clip_sum_noise as csn  # noqa: E402
+from dpkernels.ops import conv_sq_norms as cvn  # noqa: E402
 from dpkernels.ops import embedding_grads as emb  # noqa: E402
 from dpkernels.ops import linear_clipped_grad as lcg  # noqa: E402
 from dpkernels.ops import linear_sq_norms as lsn  # noqa: E402
@@ -73,6 +74,8 @@ def main() -> int:
              {"HAS_NOISE": True, "ALIGNED2": dt != "fp16", **flags, "BLOCK_P": 128, "BLOCK_D": 128, "BLOCK_K": 64}, 8, 3),
             ("clip_sum_noise " + dt, csn._clip_sum_noise_kernel, {"g_ptr": f"*{dt}", "out_ptr": f"*{dt}"},
              {"HAS_NOISE": True, "BLOCK_B": 16, "BLOCK_N": 256}, 4, 2),
+            ("conv_direct " + dt, cvn._conv_direct_kernel, xg,
+             {"KH": 3, "KW": 3, **flags, "BLOCK_P": 64, "BLOCK_D": 64, "BLOCK_L": 32}, 4, 3),
             ("norm_affine_grads " + dt, nag._norm_affine_grads_kernel, xg,
              {"HAS_MEAN": True, "WANT_W": True, "WANT_B": True, "BLOCK_R": 32, "BLOCK_N": 128}, 4, 2),
             ("embedding_rowwise " + dt, emb._rowwise_kernel, {"tok_ptr": "*i64", "g_ptr": f"*{dt}"},

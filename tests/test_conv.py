@@ -24,6 +24,7 @@ from dpkernels import functional
 from dpkernels.nn import DPConv1d, DPConv2d, convert
 from dpkernels.ops import conv_patches
 from dpkernels.ops.philox import PhiloxKey, philox_normal
+from conftest import triton_runnable
 from oracle import batch_loss, conv_per_example_grads, flat_clipped_mean, model_per_example_grads
 
 # name: (dims, B, C_in, C_out, spatial size, nn.ConvNd keyword arguments)
@@ -563,3 +564,20 @@ def test_frozen_conv_and_conv3d():
     net = nn.Sequential(nn.Conv3d(1, 2, 1), nn.Flatten(), nn.Linear(2, 1))
     with pytest.raises(ValueError, match=r"Conv3d '0' \(weight, bias\): no per-example clipping path"):
         _private(net)
+
+
+def test_triton_direct_norms_never_build_patches(monkeypatch):
+    """The direct method on the Triton backend indexes the patches in its kernel: the patch
+    matrices (∏k × the input) are never materialised."""
+    if not triton_runnable(torch.device("cpu")):
+        pytest.skip("Triton cannot run on CPU tensors without TRITON_INTERPRET=1")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("patches were materialised")
+
+    conv = nn.Conv2d(4, 6, 3, padding=1, stride=2, groups=2)
+    x, g = torch.randn(3, 4, 9, 7), torch.randn(3, 6, 5, 4)
+    expected = functional.conv_sq_norms(x, g, conv.weight.shape, method="direct", backend="torch", **conv_args(conv))
+    monkeypatch.setattr(conv_patches, "input_patches", refuse)
+    got = functional.conv_sq_norms(x, g, conv.weight.shape, method="direct", backend="triton", **conv_args(conv))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)

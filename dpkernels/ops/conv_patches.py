@@ -35,11 +35,12 @@ The patches are materialised: U is B·L·C_in·∏k elements in x's dtype, about
 (∏k / stride² for strided convolutions), per layer. They are built from a strided window view
 of the padded input by one copy into the (g, B, L, d) layout the linear kernels read, so that
 copy is the only one (a 1×1 convolution of a channels-last input needs none). They exist only
-for the norms, in backward, and are freed there; the engine keeps only (x, G). G is copied
+for the ghost method and the torch backend's norms, in backward, and are freed there (the
+Triton direct method indexes them inside its kernel: ``conv_sq_norms.py``); the engine keeps
+only (x, G). G is copied
 once into (g, B, L, C_out/g), the size of the layer's output. The clipped sum needs no patches:
 it holds c∘G in float32 (and x in float32 when x is not) while torch's conv backward runs.
-Future work (DESIGN.md): norm kernels that index the patches implicitly (implicit im2col)
-instead of materialising them.
+Future work (DESIGN.md): the ghost method with implicit patches too.
 """
 from __future__ import annotations
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import HAS_TRITON, configs, dot_flags, gemm_tile_configs, tl, triton, use_autotune
+from ._triton import HAS_TRITON, configs, dot_flags, gemm_tile_configs, launch_partial_sums, tl, triton, use_autotune
 
 GHOST_EFFICIENCY = 1.0
 METHODS = ("auto", "ghost", "direct")
@@ -289,12 +289,7 @@ def linear_sq_norms_triton(x: torch.Tensor, g: torch.Tensor, bias: bool, method:
             def grid(meta):
                 return (B, triton.cdiv(p, meta["BLOCK_P"]), triton.cdiv(d_cols, meta["BLOCK_D"]))
 
-            tuned_before = len(_direct_tuned.cache)
-            _direct_tuned[grid](*args, **flags)
-            if len(_direct_tuned.cache) != tuned_before:
-                # this call tuned: configs with other tilings left partial sums in other slots
-                out.zero_()
-                _direct_tuned[grid](*args, **flags)
+            launch_partial_sums(_direct_tuned, grid, out, args, flags)
         else:
             block_p = 64 if p > 32 else 32
             block_d = 64 if d_cols > 32 else 32

@@ -1,0 +1,111 @@
+"""Squared per-example weight-gradient norms of a convolution, patches indexed in the kernel.
+
+With the notation of ``conv_patches.py`` (group j, patch matrix U_ij (L × d), output gradient
+G_ij (L × C_out/g)), the direct method accumulates each (C_out/g × d) tile of G_ijᵀ U_ij over the
+L output positions in registers, squares and reduces it:
+
+    ‖∇W (example i)‖² = Σ_j ‖G_ijᵀ U_ij‖²_F
+
+This kernel never materialises U: the entry U_ij[l, (c, kh, kw)] is read straight from the
+(zero-padded) input at channel j·C_in/g + c, row oh·s_h − p_h + kh·d_h, column
+ow·s_w − p_w + kw·d_w (l = (oh, ow)), and positions in the padding read as 0. Memory: the
+(B·g, tiles) partial sums only, instead of the ∏k × input patches. Cost ≈ B·L·d·C_out
+multiply-adds, one weight-gradient GEMM. A 1-D convolution is the 2-D one with H = 1. The bias
+term ‖Σ_l G_il‖² is not included (the caller adds it). The reference is the patches path:
+``linear_sq_norms`` on ``conv_patches.input_patches`` with method="direct".
+"""
+from __future__ import annotations
+
+import torch
+
+from ._triton import HAS_TRITON, dot_flags, gemm_tile_configs, launch_partial_sums, tl, triton, use_autotune
+from .conv_patches import ConvGeometry
+
+if HAS_TRITON:
+    from ._triton import dot_acc
+
+    @triton.jit
+    def _conv_direct_kernel(
+        x_ptr, g_ptr, out_ptr,
+        groups, cin_g, H, W, Wo, L, p_g, d, out_row,
+        sxb, sxc, sxh, sxw, sgb, sgc, sgh, sgw,
+        stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+        KH: tl.constexpr, KW: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+        BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+    ):
+        pid = tl.program_id(0).to(tl.int64)  # (example, group)
+        b = pid // groups
+        j = pid % groups
+        tp = tl.program_id(1)
+        td = tl.program_id(2)
+        rows_p = tp * BLOCK_P + tl.arange(0, BLOCK_P)  # output channel within the group
+        cols_d = td * BLOCK_D + tl.arange(0, BLOCK_D)  # patch feature (c, kh, kw)
+        mask_p = rows_p < p_g
+        mask_d = cols_d < d
+        ch_out = (j * p_g + rows_p).to(tl.int64)
+        ch_in = (j * cin_g + cols_d // (KH * KW)).to(tl.int64)
+        kh = (cols_d // KW) % KH
+        kw = cols_d % KW
+        offs_l = tl.arange(0, BLOCK_L)
+
+        acc = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
+        for l0 in range(0, L, BLOCK_L):
+            ls = l0 + offs_l
+            lmask = ls < L
+            oh = ls // Wo
+            ow = ls % Wo
+            # G tile, transposed: (BLOCK_P, BLOCK_L)
+            gt = tl.load(g_ptr + b * sgb + ch_out[:, None] * sgc + (oh * sgh + ow * sgw).to(tl.int64)[None, :],
+                         mask=mask_p[:, None] & lmask[None, :], other=0.0)
+            # U tile (BLOCK_L, BLOCK_D) gathered from the input; the padding reads 0
+            hh = oh[:, None] * stride_h - pad_h + kh[None, :] * dil_h
+            ww = ow[:, None] * stride_w - pad_w + kw[None, :] * dil_w
+            inside = (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W) & lmask[:, None] & mask_d[None, :]
+            ut = tl.load(x_ptr + b * sxb + ch_in[None, :] * sxc + hh.to(tl.int64) * sxh + ww.to(tl.int64) * sxw,
+                         mask=inside, other=0.0)
+            acc = dot_acc(acc, gt, ut, IEEE, UPCAST)
+
+        n_tiles_d = tl.cdiv(d, BLOCK_D)
+        tl.store(out_ptr + pid * out_row + tp * n_tiles_d + td, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
+
+    _conv_direct_tuned = triton.autotune(
+        configs=gemm_tile_configs("BLOCK_P", "BLOCK_D", "BLOCK_L"),
+        key=["L", "d", "p_g"],
+    )(_conv_direct_kernel)
+
+
+def conv_weight_sq_norms_triton(x: torch.Tensor, grad_output: torch.Tensor, geometry: ConvGeometry) -> torch.Tensor:
+    """float32 (B,): Σ_j ‖G_ijᵀ U_ij‖² (no bias term). ``x``: the input after ``pad_for_conv``
+    (only symmetric zero padding left, which the kernel reads as 0); any strides."""
+    from .conv_patches import pad_for_conv
+
+    xp, conv_padding = pad_for_conv(x, geometry)
+    if geometry.spatial_dims == 1:  # as 2-D with H = 1
+        xp, g4, (pad_h, pad_w) = xp.unsqueeze(2), grad_output.unsqueeze(2), (0, conv_padding[0])
+    else:
+        g4, (pad_h, pad_w) = grad_output, conv_padding
+    B, _, H, W = xp.shape
+    Ho, Wo = g4.shape[2], g4.shape[3]
+    groups = geometry.groups
+    p_g = geometry.out_channels // groups
+    d = geometry.patch_features
+    kh, kw = geometry.kernel
+    # a slot per (p, d) tile of any tiling with blocks of 32 or more; unused slots stay zero
+    out_row = triton.cdiv(p_g, 32) * triton.cdiv(d, 32)
+    out = torch.zeros((B * groups, out_row), dtype=torch.float32, device=x.device)
+    args = (
+        xp, g4, out, groups, geometry.in_channels // groups, H, W, Wo, Ho * Wo, p_g, d, out_row,
+        *xp.stride(), *g4.stride(), *geometry.stride, pad_h, pad_w, *geometry.dilation,
+    )
+    flags = dict(KH=kh, KW=kw, **dot_flags(x.dtype))
+    if use_autotune():
+        def grid(meta):
+            return (B * groups, triton.cdiv(p_g, meta["BLOCK_P"]), triton.cdiv(d, meta["BLOCK_D"]))
+
+        launch_partial_sums(_conv_direct_tuned, grid, out, args, flags)
+    else:
+        block_p = 32 if p_g > 16 else 16
+        block_d = 64 if d > 32 else 32
+        grid = (B * groups, triton.cdiv(p_g, block_p), triton.cdiv(d, block_d))
+        _conv_direct_kernel[grid](*args, **flags, BLOCK_P=block_p, BLOCK_D=block_d, BLOCK_L=32)
+    return out.sum(dim=1).view(B, groups).sum(dim=1)
