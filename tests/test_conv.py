@@ -11,7 +11,6 @@ interpreter on the CPU.
 """
 from __future__ import annotations
 
-import copy
 import zlib
 
 import pytest
