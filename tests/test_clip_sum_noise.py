@@ -7,6 +7,7 @@ import torch
 from dpkernels import functional
 from dpkernels.ops.philox import PhiloxKey, philox_normal
 
+from helpers import assert_close_scaled
 from conftest import triton_runnable
 
 SHAPES = [
@@ -34,9 +35,7 @@ def _oracle(per_example, c):
     return torch.einsum("i,i...->...", c.double(), per_example.double())
 
 
-def _close(out, ref, tol):
-    scale = float(ref.abs().max())
-    torch.testing.assert_close(out.double().cpu(), ref.double().cpu(), rtol=tol, atol=tol * max(scale, 1e-30))
+_close = assert_close_scaled
 
 
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())

@@ -22,7 +22,8 @@ import dpkernels
 from dpkernels import functional
 from dpkernels.nn import DPConv1d, DPConv2d, convert
 from dpkernels.ops import conv_patches
-from dpkernels.ops.philox import PhiloxKey, philox_normal
+from dpkernels.ops.philox import PhiloxKey
+from helpers import assert_close_scaled, philox_noise, random_clip_factors
 from conftest import triton_runnable
 from oracle import batch_loss, conv_per_example_grads, flat_clipped_mean, model_per_example_grads
 
@@ -93,22 +94,11 @@ def sq_norms_oracle(conv, x, g):
 
 
 def clip_factors(B: int, device="cpu") -> torch.Tensor:
-    c = torch.rand(B, generator=torch.Generator().manual_seed(700 + B)) * 0.95 + 0.05
-    c[0] = 1.0
-    return c.to(device)
+    return random_clip_factors(B, device, seed=700)
 
 
-def _close(out: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
-    scale = float(ref.abs().max()) if ref.numel() else 0.0
-    torch.testing.assert_close(out.double().cpu(), ref.double().cpu(), rtol=tol, atol=tol * max(scale, 1e-30))
-
-
-def _noise(key: PhiloxKey, shape, std: float) -> torch.Tensor:
-    """std·z over the flat, row-major tensor of ``shape``: the counter scheme's draws."""
-    n = 1
-    for s in shape:
-        n *= s
-    return (std * philox_normal(n, key)).double().view(*shape)
+_close = assert_close_scaled
+_noise = philox_noise
 
 
 # ------------------------------------------------------------------ patches ---------------

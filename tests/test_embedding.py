@@ -19,7 +19,8 @@ import dpkernels
 from dpkernels import functional
 from dpkernels.nn import DPEmbedding, convert
 from dpkernels.ops import embedding_grads
-from dpkernels.ops.philox import PhiloxKey, philox_normal
+from dpkernels.ops.philox import PhiloxKey
+from helpers import assert_close_scaled, philox_noise, random_clip_factors
 from oracle import (
     batch_loss,
     embedding_clipped_sum_oracle,
@@ -79,19 +80,11 @@ HALF_CASES = ["ids:3x37x5x20", "ids:2x70x11x40", "strided:3x9x7x24"]
 
 
 def clip_factors(B: int, device) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(500 + B)
-    c = torch.rand(B, generator=gen) * 0.95 + 0.05
-    c[0] = 1.0
-    return c.to(device)
+    return random_clip_factors(B, device, seed=500)
 
 
-def _close(out: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
-    scale = float(ref.abs().max()) if ref.numel() else 0.0
-    torch.testing.assert_close(out.double().cpu(), ref.double().cpu(), rtol=tol, atol=tol * max(scale, 1e-30))
-
-
-def _noise(key: PhiloxKey, shape, std: float) -> torch.Tensor:
-    return (std * philox_normal(shape[0] * shape[1], key)).double().view(*shape)
+_close = assert_close_scaled
+_noise = philox_noise
 
 
 # ------------------------------------------------------------------ squared norms ---------

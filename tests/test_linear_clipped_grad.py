@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from dpkernels import functional
-from dpkernels.ops.philox import PhiloxKey, philox_normal
+from dpkernels.ops.philox import PhiloxKey
+from helpers import assert_close_scaled, philox_noise, random_clip_factors
 from oracle import LINEAR_CASES as CASES
 from oracle import linear_clipped_sum_oracle
 from oracle import make_linear_inputs as make_inputs
@@ -21,23 +22,11 @@ HALF_CASES = ["2d:3x7x33", "3d:2x70x7x33", "3d:2x5x70x75", "3d_strided:3x9x33x45
 
 
 def clip_factors(B: int, device) -> torch.Tensor:
-    """Random factors in (0, 1], the first exactly 1 (an unclipped example)."""
-    g = torch.Generator().manual_seed(1000 + B)
-    c = torch.rand(B, generator=g) * 0.95 + 0.05
-    c[0] = 1.0
-    return c.to(device)
+    return random_clip_factors(B, device, seed=1000)
 
 
-def _close(out: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
-    scale = float(ref.abs().max()) if ref.numel() else 0.0
-    torch.testing.assert_close(out.double().cpu(), ref.double().cpu(), rtol=tol, atol=tol * max(scale, 1e-30))
-
-
-def _noise(key: PhiloxKey, shape, std: float, device) -> torch.Tensor:
-    n = 1
-    for s in shape:
-        n *= s
-    return (std * philox_normal(n, key, device)).double().view(*shape)
+_close = assert_close_scaled
+_noise = philox_noise
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
