@@ -5,7 +5,8 @@
 
 Submodules: ``functional`` (kernels' public API), ``nn`` (DP layers, ``convert``), ``engine``
 (``make_private``, ``DPOptimizer``, ``PoissonSampler``), ``accounting`` (privacy accountants;
-numpy/scipy only). Attributes are imported lazily so that ``dpkernels.accounting`` works
+numpy/scipy only), ``integrations`` (Opacus, Hugging Face transformers, timm); ``verify`` checks
+a model's private gradient against a float64 per-example loop. Attributes are imported lazily so that ``dpkernels.accounting`` works
 without torch.
 """
 from __future__ import annotations
@@ -21,8 +22,9 @@ _LAZY = {
     "PoissonSampler": ("dpkernels.engine", "PoissonSampler"),
     "backends": ("dpkernels.functional", "backends"),
     "PhiloxKey": ("dpkernels.ops.philox", "PhiloxKey"),
+    "verify": ("dpkernels.verification", "verify"),
 }
-_SUBMODULES = ("functional", "nn", "engine", "ops", "autograd", "accounting")
+_SUBMODULES = ("functional", "nn", "engine", "ops", "autograd", "accounting", "integrations")
 
 
 def __getattr__(name: str) -> Any:

@@ -496,6 +496,24 @@ def embedding_sq_norms(
     return _emb.embedding_sq_norms_triton(tok2, g3, pad)
 
 
+def embedding_per_example_grads(
+    tokens: torch.Tensor,
+    grad_output: torch.Tensor,
+    *,
+    num_embeddings: int,
+    padding_idx: Optional[int] = None,
+    check_ids: bool = True,
+) -> torch.Tensor:
+    """Per-example gradients of an embedding table, float32 (B, num_embeddings, p): row v of example
+    i is the sum of G_it over its positions holding token v (padding positions add nothing).
+
+    For small tables only (``dpkernels.ops.embedding_grads.choose_embedding_method``): the result
+    is B times the table. Inputs as in ``embedding_sq_norms``; deterministic on every device.
+    """
+    tok2, g3, pad = _as_tokens_bt(tokens, grad_output, num_embeddings, padding_idx, check_ids)
+    return _emb.embedding_per_example_grads_reference(tok2, g3, num_embeddings, pad)
+
+
 def embedding_clipped_grad(
     tokens: torch.Tensor,
     grad_output: torch.Tensor,

@@ -59,17 +59,16 @@ def _masks(case: str, N: int, L: int, S: int):
 
 
 class _Net(nn.Module):
-    """Attention (self or cross) over a sequence, mean over positions, a linear head."""
+    """Attention (self or cross) over a sequence, mean over positions, a linear head. The masks are
+    arguments, not model state: per-example masks held by the model would not follow the batch."""
 
-    def __init__(self, mha: nn.MultiheadAttention, cross: bool, masks=(None, None)) -> None:
+    def __init__(self, mha: nn.MultiheadAttention, cross: bool) -> None:
         super().__init__()
         self.attn = mha
         self.head = nn.Linear(E, 3)
         self.cross = cross
-        self.masks = masks
 
-    def forward(self, q, k, v):
-        attn_mask, kpm = self.masks
+    def forward(self, q, k, v, attn_mask=None, kpm=None):
         if not self.cross:
             k = v = q
         out, _ = self.attn(q, k, v, attn_mask=attn_mask, key_padding_mask=kpm, need_weights=False)
@@ -87,10 +86,10 @@ def test_same_outputs_as_torch(batch_first, mask_case, need_weights, average):
     attn_mask, kpm = _masks(mask_case, N, L, S)
     kw = dict(attn_mask=attn_mask, key_padding_mask=kpm, need_weights=need_weights, average_attn_weights=average)
     out_ref, w_ref = ref(q, k, v, **kw)
-    # the private path reimplements the attention: attach an engine to exercise it
-    net = nn.Sequential(dp)
-    dpkernels.make_private(net, torch.optim.SGD(net.parameters(), lr=0.1), noise_multiplier=0.0, max_grad_norm=1.0,
-                           expected_batch_size=N, backend="torch")
+    # the private path reimplements the attention: attach an engine to exercise it (the layer is the
+    # model, so its own layout is the input's)
+    dpkernels.make_private(dp, torch.optim.SGD(dp.parameters(), lr=0.1), noise_multiplier=0.0, max_grad_norm=1.0,
+                           expected_batch_size=N, backend="torch", batch_first=batch_first)
     out, w = dp(q, k, v, **kw)
     torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-6)
     if need_weights:
@@ -110,8 +109,7 @@ def test_same_outputs_with_options(options):
         dp.bias_v.requires_grad_(False)
     q, k, v = _inputs(N, L, S, True, options.get("kdim", E), options.get("vdim", E))
     attn_mask, kpm = _masks("both", N, L, S)
-    net = nn.Sequential(dp)
-    dpkernels.make_private(net, torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1),
+    dpkernels.make_private(dp, torch.optim.SGD([p for p in dp.parameters() if p.requires_grad], lr=0.1),
                            noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=N, backend="torch")
     for kw in (dict(need_weights=False), dict(attn_mask=attn_mask, key_padding_mask=kpm)):
         out_ref, _ = ref(q, k, v, **kw)
@@ -128,19 +126,20 @@ def test_state_dict_and_conversion():
         torch.testing.assert_close(a, b, msg=n)
 
 
-def _oracle_step(ref_net: _Net, q, k, v, y, C: float, batch_first: bool):
+def _oracle_step(ref_net: _Net, q, k, v, y, C: float, batch_first: bool, masks=(None, None)):
     """Flat-clipped mean of per-example gradients, one example at a time through the torch layer."""
     net = copy.deepcopy(ref_net).double()
     bd = 0 if batch_first else 1
     N = q.shape[bd]
     per_example = {n: [] for n, p in net.named_parameters() if p.requires_grad}
-    attn_mask, kpm = ref_net.masks
+    attn_mask, kpm = masks
     for i in range(N):
         sl = [slice(None)] * 3
         sl[bd] = slice(i, i + 1)
-        net.masks = (attn_mask if attn_mask is None or attn_mask.dim() == 2 else attn_mask[i * H:(i + 1) * H],
-                     kpm[i:i + 1] if kpm is not None else None)
-        loss = F.cross_entropy(net(q[tuple(sl)].double(), k[tuple(sl)].double(), v[tuple(sl)].double()), y[i:i + 1], reduction="sum")
+        one = (attn_mask if attn_mask is None or attn_mask.dim() == 2 else attn_mask[i * H:(i + 1) * H],
+               kpm[i:i + 1] if kpm is not None else None)
+        loss = F.cross_entropy(net(q[tuple(sl)].double(), k[tuple(sl)].double(), v[tuple(sl)].double(), *one),
+                               y[i:i + 1], reduction="sum")
         params = [p for p in net.parameters() if p.requires_grad]
         grads = torch.autograd.grad(loss, params)
         for (n, _), gr in zip([(n, p) for n, p in net.named_parameters() if p.requires_grad], grads):
@@ -163,17 +162,18 @@ def test_private_step_matches_the_oracle(device, backend, cross, batch_first, ma
     q, k, v = _inputs(N, L, S, batch_first, options.get("kdim", E), options.get("vdim", E))
     masks = _masks(mask_case, N, L, S)
     y = torch.tensor([0, 2, 1, 2])
-    ref_net = _Net(mha, cross, masks)
-    expected, norms = _oracle_step(ref_net, q, k, v, y, 1.0, batch_first)
+    ref_net = _Net(mha, cross)
+    expected, norms = _oracle_step(ref_net, q, k, v, y, 1.0, batch_first, masks)
     C = float(norms.median())
 
-    expected, _ = _oracle_step(ref_net, q, k, v, y, C, batch_first)
+    expected, _ = _oracle_step(ref_net, q, k, v, y, C, batch_first, masks)
     net = copy.deepcopy(ref_net).to(device)
-    net.masks = tuple(m.to(device) if m is not None else None for m in masks)
+    masks = tuple(m.to(device) if m is not None else None for m in masks)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    # the model's input is the attention's: sequence-first when the attention is
     net, opt = dpkernels.make_private(net, opt, noise_multiplier=0.0, max_grad_norm=C, expected_batch_size=N,
-                                      backend=backend)
-    F.cross_entropy(net(q.to(device), k.to(device), v.to(device)), y.to(device)).backward()
+                                      backend=backend, batch_first=batch_first)
+    F.cross_entropy(net(q.to(device), k.to(device), v.to(device), *masks), y.to(device)).backward()
     opt.write_private_grads()
     for n, p in net.named_parameters():
         torch.testing.assert_close(p.grad.double().cpu(), expected[n], rtol=2e-4, atol=2e-6, msg=n)
@@ -208,18 +208,18 @@ def test_refusals():
         net = nn.Sequential(_mha(add_bias_kv=True))
         dpkernels.make_private(net, torch.optim.SGD(net.parameters(), lr=0.1), noise_multiplier=1.0,
                                max_grad_norm=1.0, expected_batch_size=2)
-    net = nn.Sequential(_mha(batch_first=True))
-    dpkernels.make_private(net, torch.optim.SGD(net.parameters(), lr=0.1), noise_multiplier=1.0,
-                           max_grad_norm=1.0, expected_batch_size=2)
+    net = _mha(batch_first=True)
+    net, _ = dpkernels.make_private(net, torch.optim.SGD(net.parameters(), lr=0.1), noise_multiplier=1.0,
+                                    max_grad_norm=1.0, expected_batch_size=2)
     x = torch.randn(5, E)
     with pytest.raises(ValueError, match="needs batched input"):
-        net[0](x, x, x)
+        net(x, x, x)
     with pytest.raises(ValueError, match="empty batch"):
         z = torch.randn(0, 5, E)
-        net[0](z, z, z)
+        net(z, z, z)
     with pytest.raises(RuntimeError, match="Need attn_mask if specifying the is_causal hint"):
         y = torch.randn(2, 5, E)
-        net[0](y, y, y, is_causal=True)
+        net(y, y, y, is_causal=True)
 
 
 def test_frozen_projections_with_trainable_out_proj():

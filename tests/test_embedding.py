@@ -286,6 +286,34 @@ def test_does_not_modify_inputs(device, backend):
     assert all(torch.equal(a, b) for a, b in zip(before, (tok, g, c)))
 
 
+@pytest.mark.parametrize("case", ["ids:1x1x5x3", "ids:4x11x9x6", "ids:3x4x5x7x13", "int32:2x6x5x2"])
+@pytest.mark.parametrize("padding_idx", [None, 0])
+def test_per_example_grads_match_oracle(device, case, padding_idx):
+    """The small-table path: (B, V, p) per-example gradients, repeated tokens summed, padding left out."""
+    tokens, g, V = make_inputs(case, device)
+    got = functional.embedding_per_example_grads(tokens, g, num_embeddings=V, padding_idx=padding_idx)
+    B, p = g.shape[0], g.shape[-1]
+    tok = tokens.reshape(B, -1).long().cpu()
+    rows = g.reshape(B, -1, p).double().cpu()
+    expected = torch.zeros(B, V, p, dtype=torch.float64)
+    for i in range(B):
+        for t in range(tok.shape[1]):
+            if tok[i, t] != padding_idx:
+                expected[i, tok[i, t]] += rows[i, t]
+    assert got.dtype == torch.float32 and got.shape == (B, V, p)
+    torch.testing.assert_close(got.double().cpu(), expected, rtol=1e-6, atol=1e-6)
+    norms = embedding_sq_norms_oracle(tokens, g, V, padding_idx)
+    torch.testing.assert_close(got.flatten(1).square().sum(1).double().cpu(), norms.cpu(), rtol=1e-5, atol=1e-6)
+
+
+def test_small_tables_take_the_per_example_path():
+    """T5's relative buckets (32 rows looked up 64·64 times per example) take per-example gradients;
+    a vocabulary does not; nor does a batch whose per-example gradients would pass 2²⁴ elements."""
+    assert embedding_grads.choose_embedding_method(8, 64 * 64, 32, 8) == "per_example"
+    assert embedding_grads.choose_embedding_method(8, 256, 50257, 768) == "rows"
+    assert embedding_grads.choose_embedding_method(1024, 4096, 1024, 64) == "rows"
+
+
 def test_shapes_on_the_meta_device():
     """The memory model (bench/memory_model.py) runs steps on meta tensors: no data, no data-dependent shapes."""
     tok = torch.empty(3, 7, dtype=torch.long, device="meta")
@@ -435,9 +463,19 @@ def _clip_norm_between(norms: torch.Tensor) -> float:
     return float(s[k - 1] + s[k]) / 2
 
 
+@pytest.fixture(params=["rows", "per_example"])
+def embedding_method(request, monkeypatch):
+    """The DP layer's norm and clipped-sum path, forced: the row kernels, or per-example gradients of a small
+    table (``choose_embedding_method`` picks the latter for these small tables on its own)."""
+    import dpkernels.autograd.embedding as autograd_embedding
+
+    monkeypatch.setattr(autograd_embedding, "choose_embedding_method", lambda *shape: request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("padding_idx", [None, 2], ids=["nopad", "pad2"])
 @pytest.mark.parametrize("seq_first", [False, True], ids=["batch_first", "seq_first"])
-def test_private_step_equals_oracle(device, backend, padding_idx, seq_first):
+def test_private_step_equals_oracle(device, backend, padding_idx, seq_first, embedding_method):
     torch.manual_seed(0)
     model = BagOfTokens(padding_idx=padding_idx, seq_first=seq_first).to(device)
     tok, t = _bag_data(device)
@@ -454,8 +492,9 @@ def test_private_step_equals_oracle(device, backend, padding_idx, seq_first):
         torch.testing.assert_close(p.grad.double().cpu(), ref.cpu(), rtol=1e-4, atol=1e-6 * float(ref.abs().max()))
 
 
-def test_private_step_noise_is_the_counter_scheme(device, backend):
-    """σ > 0: the table's gradient minus the noiseless one is σC/B̄·z(seed, step, stream 0), every row."""
+def test_private_step_noise_is_the_counter_scheme(device, backend, embedding_method):
+    """σ > 0: the table's gradient minus the noiseless one is σC/B̄·z(seed, step, stream 0), every row,
+    whichever path clipped it."""
     tok, t = _bag_data(device)
     grads = []
     for sigma in (0.0, 1.3):
@@ -470,7 +509,7 @@ def test_private_step_noise_is_the_counter_scheme(device, backend):
     assert not bool(grads[0][9:].any())  # rows 9..39 never appear: their gradient is noise alone
 
 
-def test_gradient_accumulation_equals_one_step(device, backend):
+def test_gradient_accumulation_equals_one_step(device, backend, embedding_method):
     tok, t = _bag_data(device)
     steps = []
     for split in (False, True):
@@ -530,4 +569,4 @@ def test_empty_and_unbatched_token_ids_are_refused():
     with pytest.raises(ValueError, match="empty batch reached DPEmbedding"):
         model(torch.zeros(0, 4, dtype=torch.long))
     with pytest.raises(ValueError, match=r"batched token ids of shape \(B,\)"):
-        model.emb(torch.tensor(3))
+        model(torch.tensor(3))

@@ -214,13 +214,22 @@ def test_unsupported_layer_is_refused_by_name():
         _private(model)
 
 
-def test_linear_subclass_is_not_converted():
-    class MyLinear(nn.Linear):
+def test_linear_subclass_that_overrides_forward_is_not_converted():
+    """The registry walks the MRO: a subclass keeping nn.Linear's forward is converted, one that overrides
+    it is refused by name (it may compute something else)."""
+
+    class KeepsForward(nn.Linear):
         pass
 
-    model = nn.Sequential(MyLinear(7, 9), nn.Tanh(), nn.Linear(9, 4))
-    with pytest.raises(ValueError, match="MyLinear '0'.*no per-example clipping path"):
-        _private(model)
+    class OwnForward(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    model, _ = _private(nn.Sequential(KeepsForward(7, 9), nn.Tanh(), nn.Linear(9, 4)))
+    assert isinstance(model[0], dpkernels.nn.DPLinear)
+    with pytest.raises(ValueError, match="OwnForward '0'.*subclasses torch.nn.modules.linear.Linear but overrides "
+                                         "forward.*register_dp_layer"):
+        _private(nn.Sequential(OwnForward(7, 9), nn.Tanh(), nn.Linear(9, 4)))
 
 
 def test_model_without_trainable_parameters():
@@ -467,7 +476,7 @@ def test_batch_sizes_must_agree_across_layers():
 
     torch.manual_seed(0)
     model, opt = _private(Odd())
-    with pytest.raises(ValueError, match="saw batch size"):
+    with pytest.raises(ValueError, match="got input of shape \(2, 5\).*B = 4"):
         model(torch.randn(4, 5)).backward()
 
 

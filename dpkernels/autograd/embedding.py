@@ -3,29 +3,42 @@
 Forward is ``F.embedding``. Backward returns no weight gradient (nor one for the integer
 tokens): it hands (tokens, G) to the layer's collector, which records the per-example squared
 norms (``functional.embedding_sq_norms``) and keeps (tokens, G) for the clipped-sum pass at
-step time. With ``batch_dim=1`` (sequence-first tokens (T, B, ...)) the recorded tensors are
-views with the batch moved to dimension 0, the layout every kernel takes.
+step time, or, for a table small next to the sequence (``choose_embedding_method``), the
+per-example gradients themselves (``functional.embedding_per_example_grads``). The recorded tensors are ``layout.batch_first`` views (the examples on dimension 0,
+the layout every kernel takes; ``dpkernels.engine.guard.ExampleLayout``).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 
+from .. import functional
+from ..ops.embedding_grads import choose_embedding_method
+
 
 class DPEmbeddingFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, tokens: torch.Tensor, weight: torch.Tensor, collector: Any, batch_dim: int = 0) -> torch.Tensor:
+    def forward(ctx: Any, tokens: torch.Tensor, weight: torch.Tensor, collector: Any, layout: Any,
+                padding_idx: Optional[int] = None) -> torch.Tensor:
         ctx.save_for_backward(tokens)
         ctx.collector = collector
-        ctx.batch_dim = batch_dim
+        ctx.layout = layout
+        ctx.table_shape = tuple(weight.shape)
+        ctx.padding_idx = padding_idx
         return F.embedding(tokens, weight)
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor):
         (tokens,) = ctx.saved_tensors
-        if ctx.batch_dim != 0:
-            tokens, grad_output = tokens.movedim(ctx.batch_dim, 0), grad_output.movedim(ctx.batch_dim, 0)
-        ctx.collector.record((tokens, grad_output), tokens, grad_output)
-        return None, None, None, None
+        tokens, grad_output = ctx.layout.batch_first(tokens), ctx.layout.batch_first(grad_output)
+        B = tokens.shape[0]
+        V, p = ctx.table_shape
+        if choose_embedding_method(B, tokens.numel() // max(B, 1), V, p) == "per_example":
+            per_example = functional.embedding_per_example_grads(
+                tokens, grad_output, num_embeddings=V, padding_idx=ctx.padding_idx, check_ids=False)
+            ctx.collector.record(("per_example", per_example), "per_example", per_example)
+        else:
+            ctx.collector.record(("rows", tokens, grad_output), "rows", tokens, grad_output)
+        return None, None, None, None, None

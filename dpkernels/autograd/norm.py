@@ -25,17 +25,13 @@ def _record(collector: Any, gw: Optional[torch.Tensor], gb: Optional[torch.Tenso
     collector.record(grads, *grads.values())
 
 
-def _to_batch_first(t: torch.Tensor, batch_dim: int) -> torch.Tensor:
-    return t.movedim(batch_dim, 0) if batch_dim != 0 else t
-
-
 class DPLayerNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                normalized_shape: Tuple[int, ...], eps: float, collector: Any, batch_dim: int = 0) -> torch.Tensor:
+                normalized_shape: Tuple[int, ...], eps: float, collector: Any, layout: Any) -> torch.Tensor:
         y, mean, rstd = torch.native_layer_norm(x, normalized_shape, weight, bias, eps)
         ctx.save_for_backward(x, weight, bias, mean, rstd)
-        ctx.normalized_shape, ctx.eps, ctx.collector, ctx.batch_dim = normalized_shape, eps, collector, batch_dim
+        ctx.normalized_shape, ctx.eps, ctx.collector, ctx.layout = normalized_shape, eps, collector, layout
         return y
 
     @staticmethod
@@ -45,11 +41,12 @@ class DPLayerNormFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_input = torch.ops.aten.native_layer_norm_backward(
                 grad_output, x, ctx.normalized_shape, mean, rstd, weight, bias, [True, False, False])[0]
+        bf = ctx.layout.batch_first
         gw, gb = functional.layer_norm_per_example_grads(
-            _to_batch_first(x, ctx.batch_dim), _to_batch_first(grad_output.to(x.dtype), ctx.batch_dim),
+            bf(x), bf(grad_output.to(x.dtype)),
             ctx.normalized_shape, eps=ctx.eps,
             weight=weight is not None and ctx.needs_input_grad[1], bias=bias is not None and ctx.needs_input_grad[2],
-            mean=_to_batch_first(mean, ctx.batch_dim), rstd=_to_batch_first(rstd, ctx.batch_dim),
+            mean=bf(mean), rstd=bf(rstd),
             backend=ctx.collector.step.backend,
         )
         _record(ctx.collector, gw, gb)
@@ -69,10 +66,10 @@ class DPRMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, normalized_shape: Tuple[int, ...], eps: float,
-                collector: Any, batch_dim: int = 0) -> torch.Tensor:
+                collector: Any, layout: Any) -> torch.Tensor:
         xhat, rstd = _rms_stats(x, normalized_shape, eps)
         ctx.save_for_backward(x, weight, rstd)
-        ctx.normalized_shape, ctx.eps, ctx.collector, ctx.batch_dim = normalized_shape, eps, collector, batch_dim
+        ctx.normalized_shape, ctx.eps, ctx.collector, ctx.layout = normalized_shape, eps, collector, layout
         return (xhat * weight.float()).to(x.dtype)
 
     @staticmethod
@@ -85,9 +82,9 @@ class DPRMSNormFunction(torch.autograd.Function):
             ghat = grad_output.float() * weight.float()
             grad_input = (rstd * (ghat - xhat * (ghat * xhat).mean(dim=dims, keepdim=True))).to(x.dtype)
         if ctx.needs_input_grad[1]:
+            bf = ctx.layout.batch_first
             gw = functional.rms_norm_per_example_grads(
-                _to_batch_first(x, ctx.batch_dim), _to_batch_first(grad_output.to(x.dtype), ctx.batch_dim),
-                ctx.normalized_shape, eps=ctx.eps, rstd=_to_batch_first(rstd, ctx.batch_dim),
+                bf(x), bf(grad_output.to(x.dtype)), ctx.normalized_shape, eps=ctx.eps, rstd=bf(rstd),
                 backend=ctx.collector.step.backend,
             )
             _record(ctx.collector, gw, None)

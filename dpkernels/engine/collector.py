@@ -13,6 +13,8 @@ from typing import Any, Callable, Dict, Optional
 import torch
 import torch.nn as nn
 
+from .guard import ExampleGuard
+
 
 class LayerRecord:
     __slots__ = ("module", "payload", "sq_norms")
@@ -43,11 +45,14 @@ class StepCollector:
     """Per-step state shared by all DP modules of one model."""
 
     def __init__(
-        self, module_names: Dict[nn.Module, str], norm_method: str, backend: Optional[str], batch_first: bool = True
+        self, module_names: Dict[nn.Module, str], norm_method: str, backend: Optional[str], batch_first: bool = True,
+        guard: Optional[ExampleGuard] = None,
     ) -> None:
         self.norm_method = norm_method
         self.backend = backend
         self.batch_first = batch_first
+        # which example each layer's rows belong to (engine/guard.py); attached to the model by make_private
+        self.guard = guard if guard is not None else ExampleGuard(batch_first)
         self._handles = {m: ModuleCollector(self, m, n) for m, n in module_names.items()}
         self.records: Dict[str, LayerRecord] = {}
         self.batch_size: Optional[int] = None
@@ -65,6 +70,10 @@ class StepCollector:
                 "(weight sharing), which per-example clipping does not support"
             )
         B = record.sq_norms.shape[0]
+        if self.guard.batch_size is not None and B != self.guard.batch_size:
+            raise RuntimeError(
+                f"internal: DP layer '{name}' recorded {B} examples but the model's batch has {self.guard.batch_size}"
+            )
         if self.batch_size is None:
             self.batch_size = B
         elif B != self.batch_size:

@@ -8,12 +8,14 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
+from ..nn import registry
 from ..nn.convert import convert
 from ..nn.module import DPModule
 from ..ops.linear_sq_norms import METHODS
 from .clipping import make_plan
 from .collector import StepCollector
 from .distributed import RankGroup
+from .guard import ExampleGuard
 from .optimizer import LOSS_REDUCTIONS, DPOptimizer
 
 _BATCHNORM = (nn.modules.batchnorm._BatchNorm,)
@@ -26,7 +28,14 @@ def _unsupported_message(name: str, module: nn.Module, params: List[str]) -> str
             f"{label}: BatchNorm mixes the examples of a batch, so per-example gradients do not exist; "
             "replace it with GroupNorm/LayerNorm or freeze it (requires_grad_(False), eval())"
         )
-    return f"{label}: no per-example clipping path for this layer; freeze these parameters or use a supported layer"
+    reason = registry.explain(module)
+    if reason is not None:
+        return f"{label}: {reason}; or freeze these parameters"
+    return (
+        f"{label}: no per-example clipping path (no DP layer is registered for "
+        f"{registry.qualified_name(type(module))}); freeze these parameters, "
+        "use a supported layer, or register a DP layer for it (dpkernels.nn.register_dp_layer, see the README)"
+    )
 
 
 def _check_model(model: nn.Module) -> List[Tuple[str, nn.Module]]:
@@ -199,7 +208,10 @@ def make_private(
     plan = make_plan(clipping, trainable_layers, max_grad_norm, groups, auto_clip_gamma)
 
     ranks.broadcast_module(model)  # every rank starts from rank 0's weights
-    collector = StepCollector({m: n for n, m in dp_modules}, norm_method, backend, batch_first=batch_first)
+    guard = ExampleGuard(batch_first)
+    guard.attach(model, {m: n for n, m in dp_modules if any(p.requires_grad for p in m.parameters(recurse=False))})
+    collector = StepCollector({m: n for n, m in dp_modules}, norm_method, backend, batch_first=batch_first,
+                              guard=guard)
     for _, module in dp_modules:
         module.dp_attach(collector)
         for n, p in module.named_parameters(recurse=False):

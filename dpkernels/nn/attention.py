@@ -25,6 +25,7 @@ from ..autograd.attention import DPPackedProjectionFunction, DPSplitProjectionFu
 from ..ops.philox import PhiloxKey
 from .linear import DPLinear
 from .module import DPModule
+from .registry import register_dp_layer
 
 
 def _float_mask(mask: Optional[torch.Tensor], dtype: torch.dtype, name: str) -> Optional[torch.Tensor]:
@@ -38,18 +39,21 @@ def _float_mask(mask: Optional[torch.Tensor], dtype: torch.dtype, name: str) -> 
     return mask.to(dtype)
 
 
+@register_dp_layer(nn.MultiheadAttention)
 class DPMultiheadAttention(nn.MultiheadAttention, DPModule):
     """``nn.MultiheadAttention`` for DP training (see the module docstring)."""
 
     @classmethod
-    def from_multihead_attention(cls, mha: nn.MultiheadAttention) -> "DPMultiheadAttention":
+    def dp_from(cls, mha: nn.MultiheadAttention) -> "DPMultiheadAttention":
         """A DPMultiheadAttention sharing ``mha``'s Parameter objects (its out_proj becomes a DPLinear)."""
         new = cls.adopt(mha, ("embed_dim", "kdim", "vdim", "_qkv_same_embed_dim", "num_heads", "dropout",
                               "batch_first", "head_dim", "add_zero_attn"),
                         ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias",
                          "bias_k", "bias_v"))
-        new.out_proj = DPLinear.from_linear(mha.out_proj)
+        new.out_proj = DPLinear.dp_from(mha.out_proj) if type(mha.out_proj) is not DPLinear else mha.out_proj
         return new
+
+    from_multihead_attention = dp_from
 
     # ---- which parameters this module clips (out_proj is its own DP layer) -------------
     def _projection_weights(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -99,12 +103,13 @@ class DPMultiheadAttention(nn.MultiheadAttention, DPModule):
                 f"private training, got query of shape {tuple(query.shape)}"
             )
         bd = 0 if self.batch_first else 1
-        if query.shape[bd] == 0:
-            raise ValueError(
-                "empty batch reached DPMultiheadAttention: with Poisson sampling call optimizer.noise_only_step() "
-                "for an empty batch instead of running the model"
-            )
         self_attention = query is key and key is value
+        if self._projection_trainable():
+            if self_attention:
+                (query,), _ = self.dp_examples(query, batch_dim=bd)
+                key = value = query
+            else:
+                (query, key, value), _ = self.dp_examples(query, key, value, batch_dim=bd)
         if is_causal and attn_mask is None:  # as nn.MultiheadAttention: is_causal is only a hint about attn_mask
             raise RuntimeError("Need attn_mask if specifying the is_causal hint. You may use the Transformer module "
                                "method `generate_square_subsequent_mask` to create this mask.")

@@ -18,6 +18,7 @@ from ..ops.conv_patches import ConvGeometry, pad_for_conv
 from ..ops.philox import PhiloxKey
 from .linear import _autocast_enabled
 from .module import DPModule
+from .registry import register_dp_layer
 
 _CONV_ATTRS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "transposed",
                "output_padding", "groups", "padding_mode", "_reversed_padding_repeated_twice")
@@ -32,11 +33,15 @@ class _DPConvNd(DPModule):
     _spatial_dims: int = 0
 
     @classmethod
-    def from_conv(cls, conv: nn.Module) -> nn.Module:
+    def dp_from(cls, conv: nn.Module) -> nn.Module:
         """A DP convolution sharing ``conv``'s Parameter objects (optimizers keep pointing at them)."""
         if not isinstance(conv, cls._torch_type):
             raise TypeError(f"{cls.__name__}.from_conv needs an nn.{cls._torch_type.__name__}, got {type(conv).__name__}")
         return cls.adopt(conv, _CONV_ATTRS, ("weight", "bias"))
+
+    @classmethod
+    def from_conv(cls, conv: nn.Module) -> nn.Module:
+        return cls.dp_from(conv)
 
     def dp_unsupported_reason(self) -> Optional[str]:
         if self._bias_trainable() and not self.weight.requires_grad:
@@ -62,11 +67,9 @@ class _DPConvNd(DPModule):
                 f"{name} needs batched input of shape {layout} under private training (the batch on dimension 0), "
                 f"got {tuple(input.shape)}: unbatched input has no examples to clip"
             )
-        if input.shape[0] == 0:
-            raise ValueError(
-                f"empty batch reached {name}: with Poisson sampling call optimizer.noise_only_step() "
-                "for an empty batch instead of running the model"
-            )
+        (input,), (layout,) = self.dp_examples(input, batch_dim=0)
+        if layout.kind == "flattened":
+            raise ValueError(f"{name} convolves each example on its own: a flattened batch layout does not apply")
         collector = self._dp_collector.for_module(self)
         weight, bias = self.weight, self.bias
         if _autocast_enabled(input.device.type):
@@ -112,6 +115,7 @@ class _DPConvNd(DPModule):
         return self.bias is not None and self.bias.requires_grad
 
 
+@register_dp_layer(nn.Conv1d, math=("forward", "_conv_forward"))
 class DPConv1d(nn.Conv1d, _DPConvNd):
     """``nn.Conv1d`` (same constructor, same parameters, same state_dict) for DP training.
 
@@ -131,6 +135,7 @@ class DPConv1d(nn.Conv1d, _DPConvNd):
         return self._private_forward(input)
 
 
+@register_dp_layer(nn.Conv2d, math=("forward", "_conv_forward"))
 class DPConv2d(nn.Conv2d, _DPConvNd):
     """``nn.Conv2d`` (same constructor, same parameters, same state_dict) for DP training.
 

@@ -10,8 +10,10 @@ from .. import functional
 from ..autograd.embedding import DPEmbeddingFunction
 from ..ops.philox import PhiloxKey
 from .module import DPModule
+from .registry import register_dp_layer
 
 
+@register_dp_layer(nn.Embedding)
 class DPEmbedding(nn.Embedding, DPModule):
     """``nn.Embedding`` (same constructor, same parameter, same state_dict) for DP training.
 
@@ -26,10 +28,12 @@ class DPEmbedding(nn.Embedding, DPModule):
     """
 
     @classmethod
-    def from_embedding(cls, embedding: nn.Embedding) -> "DPEmbedding":
+    def dp_from(cls, embedding: nn.Embedding) -> "DPEmbedding":
         """A DPEmbedding sharing ``embedding``'s Parameter (optimizers keep pointing at it)."""
         return cls.adopt(embedding, ("num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type",
                                      "scale_grad_by_freq", "sparse"), ("weight",))
+
+    from_embedding = dp_from
 
     def dp_unsupported_reason(self) -> Optional[str]:
         """Why this layer, as configured, cannot be trained with per-example clipping (None if it can)."""
@@ -49,6 +53,10 @@ class DPEmbedding(nn.Embedding, DPModule):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not (self.dp_private_forward() and self.weight.requires_grad):
             return super().forward(input)
+        return self.dp_lookup(input)
+
+    def dp_lookup(self, input: torch.Tensor) -> torch.Tensor:
+        """The private path of ``forward``: F.embedding(input, weight) with the examples' ids recorded."""
         collector = self._dp_collector.for_module(self)
         reason = self.dp_unsupported_reason()
         if reason is not None:
@@ -60,19 +68,19 @@ class DPEmbedding(nn.Embedding, DPModule):
             )
         # batch_first=False: (T, B, ...) token ids carry the batch on dimension 1; (B,) stays (B,)
         batch_dim = 0 if collector.step.batch_first or input.dim() < 2 else 1
-        if input.shape[batch_dim] == 0:
-            raise ValueError(
-                "empty batch reached DPEmbedding: with Poisson sampling call optimizer.noise_only_step() "
-                "for an empty batch instead of running the model"
-            )
+        (input,), (layout,) = self.dp_examples(input, batch_dim=batch_dim)
         if self.max_norm is not None:  # as F.embedding: rows renormalised in place, outside autograd
             input = input.contiguous()
             with torch.no_grad():
                 torch.embedding_renorm_(self.weight, input, self.max_norm, self.norm_type)
-        return DPEmbeddingFunction.apply(input, self.weight, collector, batch_dim)
+        return DPEmbeddingFunction.apply(input, self.weight, collector, layout, self.padding_idx)
 
-    def dp_sq_norms(self, tokens: torch.Tensor, grad_output: torch.Tensor, method: str, backend: Optional[str]) -> torch.Tensor:
+    def dp_sq_norms(self, kind: str, *tensors: torch.Tensor, method: str, backend: Optional[str]) -> torch.Tensor:
         # ``method`` is the linear layers' norm method (the engine passes it to every layer): unused here
+        if kind == "per_example":
+            (per_example,) = tensors
+            return per_example.reshape(per_example.shape[0], -1).square().sum(dim=1)
+        tokens, grad_output = tensors
         return functional.embedding_sq_norms(
             tokens, grad_output, num_embeddings=self.num_embeddings, padding_idx=self.padding_idx, backend=backend,
             check_ids=False,  # the forward's F.embedding checked them
@@ -87,7 +95,12 @@ class DPEmbedding(nn.Embedding, DPModule):
         backend: Optional[str],
         out_dtype: Optional[torch.dtype] = None,
     ) -> Dict[str, torch.Tensor]:
-        tokens, grad_output = payload
+        if payload[0] == "per_example":
+            per_example = payload[1]
+            grad = functional.clip_sum_noise(per_example.reshape(per_example.shape[0], -1), clip_factors,
+                                             noise_std=noise_std, generator=keys["weight"], backend=backend)
+            return {"weight": grad.view(self.weight.shape).to(out_dtype or self.weight.dtype)}
+        _, tokens, grad_output = payload
         grad = functional.embedding_clipped_grad(
             tokens, grad_output, clip_factors, num_embeddings=self.num_embeddings, padding_idx=self.padding_idx,
             noise_std=noise_std, generator=keys["weight"], backend=backend, out_dtype=out_dtype or self.weight.dtype,

@@ -6,7 +6,7 @@ noised gradients at step time. Outside an engine it behaves exactly like its tor
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -15,9 +15,16 @@ from ..ops.philox import PhiloxKey
 
 
 class DPModule:
-    """Mixin for layers with a per-example clipping path (see DPLinear)."""
+    """Mixin for layers with a per-example clipping path (see DPLinear).
+
+    In a private forward a DP layer hands its input to ``dp_examples``, which the engine's guard
+    (``dpkernels.engine.guard``) answers with the layout of the examples (and a broadcast input
+    expanded to the batch), or refuses. ``_dp_layout`` is the declared layout: "batch", or
+    "flattened" (``dpkernels.nn.declare_flattened``).
+    """
 
     _dp_collector: Optional[Any] = None
+    _dp_layout: str = "batch"
 
     @classmethod
     def adopt(cls, source: nn.Module, attributes: Sequence[str], parameters: Sequence[str]) -> Any:
@@ -36,6 +43,8 @@ class DPModule:
                 new.register_parameter(name, None)
             else:
                 setattr(new, name, param)
+        if "_dp_layout" in source.__dict__:
+            new._dp_layout = source._dp_layout
         new.train(source.training)
         return new
 
@@ -51,8 +60,16 @@ class DPModule:
         return None
 
     def dp_private_forward(self) -> bool:
-        """Whether this forward call must go through the per-example path."""
-        return self._dp_collector is not None and torch.is_grad_enabled()
+        """Whether this forward call must go through the per-example path (attached to an engine, with
+        gradient tracking on, and not in the guard's probe of the original model)."""
+        collector = self._dp_collector
+        return collector is not None and torch.is_grad_enabled() and collector.guard.mode != "plain"
+
+    def dp_examples(self, *inputs: torch.Tensor, batch_dim: int) -> Tuple[List[torch.Tensor], List[Any]]:
+        """The guard's answer for this layer's ``inputs`` with examples on ``batch_dim``: the inputs (one
+        with a single row on ``batch_dim`` expanded to the batch) and their ``ExampleLayout``s. Raises,
+        naming the layer, when the rows cannot be shown to be examples."""
+        return self._dp_collector.guard.admit(self, inputs, batch_dim, self._dp_layout)
 
     def dp_sq_norms(self, *norm_inputs: torch.Tensor, method: str, backend: Optional[str]) -> torch.Tensor:
         """float32 (B,): Σ over this module's trainable parameters of ‖per-example gradient‖²,
@@ -71,3 +88,35 @@ class DPModule:
         """Gradients (by parameter name) = Σ_i clip_factors_i g_i + noise_std·z, from ``payload``,
         in ``out_dtype`` (default: each parameter's dtype), accumulated in float32."""
         raise NotImplementedError
+
+
+_COMBINED: Dict[Tuple[type, ...], type] = {}
+
+
+def combined_class(*bases: type, name: Optional[str] = None) -> type:
+    """The class ``name(*bases)`` (built once per tuple of bases), for turning a library's layer into its
+    DP version in place: ``module.__class__ = combined_class(DPMixin, type(module))`` keeps the
+    object, its parameters, hooks and state_dict, and ``isinstance`` with the library's class. The
+    class is published in the module of its first dpkernels base, so models holding it pickle."""
+    cls = _COMBINED.get(bases)
+    if cls is None:
+        import sys
+
+        ours = next((b for b in bases if b.__module__.startswith("dpkernels")), bases[0])
+        library = next((b for b in bases if not b.__module__.startswith("dpkernels")), bases[-1])
+        name = name or f"DP{library.__name__}"
+        home = sys.modules[ours.__module__]
+        if getattr(home, name, None) is not None:
+            name = f"{name}_{library.__module__.split('.')[0]}"
+        if getattr(home, name, None) is not None:
+            name = f"{name}_{len(_COMBINED)}"
+        cls = type(name, bases, {"__module__": ours.__module__, "__qualname__": name})
+        setattr(home, name, cls)
+        _COMBINED[bases] = cls
+    return cls
+
+
+def become(module: nn.Module, *bases: type) -> nn.Module:
+    """``module`` itself, now of class ``combined_class(*bases)`` (see there)."""
+    module.__class__ = combined_class(*bases)
+    return module

@@ -9,7 +9,7 @@ of a batch, and ``make_private`` refuses it.
 from __future__ import annotations
 
 import contextlib
-from typing import ContextManager, Dict, Optional, Tuple
+from typing import Any, ContextManager, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -19,6 +19,7 @@ from ..autograd.norm import DPGroupNormFunction, DPLayerNormFunction, DPRMSNormF
 from ..ops.philox import PhiloxKey
 from .linear import _autocast_enabled
 from .module import DPModule
+from .registry import register_dp_layer
 
 
 def _float32_under_autocast(input: torch.Tensor) -> Tuple[torch.Tensor, ContextManager]:
@@ -38,20 +39,39 @@ class _DPAffineNorm(DPModule):
     def _private(self) -> bool:
         return self.dp_private_forward() and self._trainable_affine()
 
-    def _batch_dim(self, x: torch.Tensor, batched_dims: int) -> int:
-        """Dimension of the examples: 0, or 1 for sequence-first input (batch_first=False)."""
+    def _examples(self, x: torch.Tensor, batched_dims: int, batch_dim: Optional[int] = None) -> Tuple[torch.Tensor, Any]:
+        """The input (expanded if broadcast) and the layout of its examples: dimension 0, or 1 for
+        sequence-first input (batch_first=False) unless ``batch_dim`` says, as the guard admits them."""
         if x.dim() < batched_dims + 1:
             raise ValueError(
                 f"{type(self).__name__} needs batched input under private training (a batch dimension before "
                 f"the normalised ones), got {tuple(x.shape)}"
             )
-        batch_dim = 0 if self._dp_collector.batch_first or x.dim() < batched_dims + 2 else 1
-        if x.shape[batch_dim] == 0:
-            raise ValueError(
-                f"empty batch reached {type(self).__name__}: with Poisson sampling call optimizer.noise_only_step() "
-                "for an empty batch instead of running the model"
-            )
-        return batch_dim
+        if batch_dim is None:
+            batch_dim = 0 if self._dp_collector.batch_first or x.dim() < batched_dims + 2 else 1
+        (x,), (layout,) = self.dp_examples(x, batch_dim=batch_dim)
+        return x, layout
+
+    def _layer_norm_private(self, input: torch.Tensor, batch_dim: Optional[int] = None) -> torch.Tensor:
+        """LayerNorm over ``normalized_shape`` with ``weight``/``bias``, per-example affine gradients recorded."""
+        input, layout = self._examples(input, len(self.normalized_shape), batch_dim)
+        collector = self._dp_collector.for_module(self)
+        x, precision = _float32_under_autocast(input)
+        with precision:
+            return DPLayerNormFunction.apply(x, self.weight, self.bias, tuple(self.normalized_shape), self.eps,
+                                             collector, layout)
+
+    def _rms_norm_private(self, input: torch.Tensor, weight: torch.Tensor, eps: Optional[float],
+                          batch_dim: Optional[int] = None) -> torch.Tensor:
+        """y = x̂ ⊙ weight, x̂ = x / sqrt(mean(x²) + eps) over weight's dimensions (the last ones), in
+        float32; ``weight`` may be a function of the parameter (Gemma's 1 + w), whose per-example
+        gradient Σ x̂ ⊙ G is the same."""
+        shape = tuple(weight.shape)
+        input, layout = self._examples(input, len(shape), batch_dim)
+        collector = self._dp_collector.for_module(self)
+        x, _ = _float32_under_autocast(input)  # computed in float32 inside anyway: no autocast to switch off
+        eps = torch.finfo(x.dtype).eps if eps is None else eps
+        return DPRMSNormFunction.apply(x, weight, shape, eps, collector, layout)
 
     def dp_sq_norms(self, *per_example: torch.Tensor, method: str, backend: Optional[str]) -> torch.Tensor:
         # ``method`` is the linear layers' norm method: per-example gradients here are materialised
@@ -77,6 +97,7 @@ class _DPAffineNorm(DPModule):
         return grads
 
 
+@register_dp_layer(nn.LayerNorm)
 class DPLayerNorm(nn.LayerNorm, _DPAffineNorm):
     """``nn.LayerNorm`` (same constructor, parameters and state_dict) for DP training.
 
@@ -86,43 +107,40 @@ class DPLayerNorm(nn.LayerNorm, _DPAffineNorm):
     """
 
     @classmethod
-    def from_layer_norm(cls, ln: nn.LayerNorm) -> nn.Module:
+    def dp_from(cls, ln: nn.LayerNorm) -> nn.Module:
         """A DPLayerNorm sharing ``ln``'s Parameter objects (``ln`` itself when it has no affine parameters)."""
         if not ln.elementwise_affine:
             return ln
         return cls.adopt(ln, ("normalized_shape", "eps", "elementwise_affine"), ("weight", "bias"))
 
+    from_layer_norm = dp_from
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not self._private():
             return super().forward(input)
-        batch_dim = self._batch_dim(input, len(self.normalized_shape))
-        collector = self._dp_collector.for_module(self)
-        x, precision = _float32_under_autocast(input)
-        with precision:
-            return DPLayerNormFunction.apply(x, self.weight, self.bias, tuple(self.normalized_shape), self.eps,
-                                             collector, batch_dim)
+        return self._layer_norm_private(input)
 
 
+@register_dp_layer(nn.RMSNorm)
 class DPRMSNorm(nn.RMSNorm, _DPAffineNorm):
     """``nn.RMSNorm`` (same constructor, parameters and state_dict) for DP training; ``eps=None``
     means ``torch.finfo(input.dtype).eps`` as in nn.RMSNorm. Computed in float32."""
 
     @classmethod
-    def from_rms_norm(cls, rms: nn.RMSNorm) -> nn.Module:
+    def dp_from(cls, rms: nn.RMSNorm) -> nn.Module:
         if not rms.elementwise_affine:
             return rms
         return cls.adopt(rms, ("normalized_shape", "eps", "elementwise_affine"), ("weight",))
 
+    from_rms_norm = dp_from
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not self._private():
             return super().forward(input)
-        batch_dim = self._batch_dim(input, len(self.normalized_shape))
-        collector = self._dp_collector.for_module(self)
-        x, _ = _float32_under_autocast(input)  # computed in float32 inside anyway: no autocast to switch off
-        eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
-        return DPRMSNormFunction.apply(x, self.weight, tuple(self.normalized_shape), eps, collector, batch_dim)
+        return self._rms_norm_private(input, self.weight, self.eps)
 
 
+@register_dp_layer(nn.GroupNorm)
 class DPGroupNorm(nn.GroupNorm, _DPAffineNorm):
     """``nn.GroupNorm`` (same constructor, parameters and state_dict) for DP training.
 
@@ -131,21 +149,21 @@ class DPGroupNorm(nn.GroupNorm, _DPAffineNorm):
     """
 
     @classmethod
-    def from_group_norm(cls, gn: nn.GroupNorm) -> nn.Module:
+    def dp_from(cls, gn: nn.GroupNorm) -> nn.Module:
         if not gn.affine:
             return gn
         return cls.adopt(gn, ("num_groups", "num_channels", "eps", "affine"), ("weight", "bias"))
+
+    from_group_norm = dp_from
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not self._private():
             return super().forward(input)
         if input.dim() < 2 or input.shape[1] != self.num_channels:
             raise ValueError(f"DPGroupNorm expects input (B, {self.num_channels}, *), got {tuple(input.shape)}")
-        if input.shape[0] == 0:
-            raise ValueError(
-                "empty batch reached DPGroupNorm: with Poisson sampling call optimizer.noise_only_step() "
-                "for an empty batch instead of running the model"
-            )
+        (input,), (layout,) = self.dp_examples(input, batch_dim=0)
+        if layout.kind == "flattened":
+            raise ValueError("DPGroupNorm normalises each example on its own: a flattened batch layout does not apply")
         collector = self._dp_collector.for_module(self)
         x, precision = _float32_under_autocast(input)
         with precision:

@@ -28,6 +28,15 @@ Squared norms (float32 (B,), float32 accumulation whatever G's dtype)
                stretch of padding, no repeated token) skips its dot products. T = 1: ‖G_i‖²,
                zero where the token is padding. Cost ≈ B·T·(T + b_T)·p/2 multiply-adds.
 
+Small tables: per-example gradients
+    When the table is small next to the ghost form's T×T work (V ≤ T(T+64)/2, e.g. T5's 32 × H
+    relative-position buckets looked up T_q·T_k times per example) and B·V·p fits (2²⁴
+    elements), the per-example gradients themselves are cheaper: g_i (V, p) float32, each the
+    deterministic row sum of G_it by key i·V + tok_it (padding rows left out), so ‖g_i‖² is a
+    sum of squares and the clipped sum goes through the fused clip-sum-noise over (B, V·p),
+    whose noise is the same Philox draw per element as the row-scatter path's
+    (``choose_embedding_method``, ``embedding_per_example_grads_reference``).
+
 Clipped sum
     The rows c_i·G_it (float32) are summed into the table by PyTorch's own embedding backward,
     ``aten.embedding_dense_backward``, which is deterministic on every device: on CPU each row
@@ -85,6 +94,20 @@ def _sum_rows_by_index(
     return out
 
 
+# ---------------------------------------------------------------- method choice ------------
+
+# the most elements (B·V·p, float32) per-example gradients of a small table may take
+MAX_PER_EXAMPLE_ELEMENTS = 2**24
+
+
+def choose_embedding_method(B: int, T: int, V: int, p: int) -> str:
+    """"per_example" (materialise the (B, V, p) per-example gradients) when the table is small next
+    to the ghost form's per-example T(T+64)/2 tile work and they fit; "rows" otherwise."""
+    if V <= T * (T + 64) // 2 and B * V * p <= MAX_PER_EXAMPLE_ELEMENTS:
+        return "per_example"
+    return "rows"
+
+
 # ---------------------------------------------------------------- torch reference ----------
 
 
@@ -115,6 +138,23 @@ def embedding_sq_norms_reference(tokens: torch.Tensor, g: torch.Tensor, num_embe
     # the example of each pair (every row of a pair writes the same value; empty ids keep 0 and add 0)
     pair_example = torch.zeros_like(sorted_key).scatter_(0, pair, sorted_key // num_embeddings)
     return _sum_rows_by_index(lambda chunk: sq[chunk], pair_example, B, 1)[:, 0]
+
+
+def embedding_per_example_grads_reference(
+    tokens: torch.Tensor, g: torch.Tensor, num_embeddings: int, padding_idx: int
+) -> torch.Tensor:
+    """Per-example table gradients (tokens (B, T), g (B, T, p); padding_idx -1 for none) → float32
+    (B, V, p): row v of example i is Σ_{t: tok_it = v} G_it, deterministic (padding rows add nothing)."""
+    B, T, p = g.shape
+    tok = tokens.reshape(B * T).to(torch.int64)
+    key = torch.arange(B, device=g.device).repeat_interleave(T) * num_embeddings + tok
+    rows = g.reshape(B * T, p)
+    keep = tok != padding_idx
+
+    def rows_of(chunk: slice) -> torch.Tensor:
+        return torch.where(keep[chunk, None], rows[chunk].float(), 0.0)
+
+    return _sum_rows_by_index(rows_of, key, B * num_embeddings, p).view(B, num_embeddings, p)
 
 
 def _clipped_row_sum(
