@@ -47,10 +47,16 @@ setup(
     # torch is required but not pinned here: install the torch build you want first
     # (a range that the installed torch satisfies makes pip install nothing more).
     install_requires=["torch>=2.4", "numpy>=1.22", "scipy>=1.8"],
+    # Real-model tests and the GPT-2 demo use Hugging Face transformers (5.18.0: newer 5.x releases
+    # need a `kernels` release PyPI does not have yet) and peft. timm is NOT listed: it requires
+    # torchvision, and PyPI has none for a CPU build of torch (its wheels are CUDA builds whose
+    # operators fail to load beside one, and newer ones pull a newer, CUDA, torch). The README's test
+    # command installs timm with --no-deps; these are the dependencies it does need.
     extras_require={
         "triton": ["triton>=3.0"],
-        "demo": ["scikit-learn>=1.0"],
-        "test": ["pytest>=7", "scikit-learn>=1.0", "dp-accounting>=0.4", "triton>=3.0", "opacus>=1.5"],
+        "demo": ["scikit-learn>=1.0", "transformers==5.18.0"],
+        "test": ["pytest>=7", "scikit-learn>=1.0", "dp-accounting>=0.4", "triton>=3.0", "opacus>=1.5",
+                 "transformers==5.18.0", "peft==0.21.2", "pyyaml", "huggingface_hub", "safetensors", "pillow"],
         "bench": ["matplotlib>=3.5", "opacus>=1.5"],
     },
     ext_modules=ext_modules,

@@ -128,10 +128,12 @@ def make_private(
     """Make ``loss.backward(); optimizer.step()`` one DP-SGD step with per-example clipping.
 
     The model's layers with a per-example clipping path become their DP versions in place,
-    sharing their parameters (``dpkernels.nn.convert``: nn.Linear → DPLinear, nn.Conv1d/2d →
-    DPConv1d/2d, nn.Embedding → DPEmbedding, nn.LayerNorm / nn.RMSNorm / nn.GroupNorm →
-    DPLayerNorm / DPRMSNorm / DPGroupNorm, nn.MultiheadAttention → DPMultiheadAttention); any other trainable parameter (BatchNorm's, a custom layer's) is refused with
-    an error naming its module, as is an optimizer that updates a parameter without a clipping
+    sharing their parameters (``dpkernels.nn.convert`` and its registry: nn.Linear → DPLinear,
+    nn.Conv1d/2d → DPConv1d/2d, nn.Embedding → DPEmbedding, nn.LayerNorm / nn.RMSNorm /
+    nn.GroupNorm → DPLayerNorm / DPRMSNorm / DPGroupNorm, nn.MultiheadAttention →
+    DPMultiheadAttention, and the transformers / timm classes of ``dpkernels.integrations``);
+    any other trainable parameter (BatchNorm's, an unregistered layer's) is refused with an
+    error naming its module, as is an optimizer that updates a parameter without a clipping
     path. After it, one backward pass records per-example
     norms, and ``optimizer.step()`` writes (Σ_i clip_C(g_i) + σ·C·z) / B̄ into every parameter's
     .grad (B̄ = ``expected_batch_size``) before the wrapped optimizer's own step.
@@ -145,12 +147,14 @@ def make_private(
     fed once per step. Batches must be non-empty; for an empty Poisson batch call
     ``optimizer.noise_only_step()``.
 
-    ``batch_first``: where the DP layers find the examples. True (default): dimension 0 of every
-    layer input, (B, d) or (B, *, d). False: dimension 1 of inputs with 3 or more dimensions,
-    (T, B, *, d) as in sequence-first models, and dimension 0 of (B, d) inputs. Getting this
-    wrong clips positions instead of examples, which is not private: as a safeguard, a step
-    whose layers report more examples than ``expected_batch_size`` can plausibly produce
-    (more than B̄ + 8√B̄ + 8) is refused.
+    ``batch_first``: where the examples are. True (default): dimension 0 of the model's input
+    and of every layer input, (B, d) or (B, *, d). False: sequence-first input, (T, B, *) or
+    (T, B), and dimension 1 of layer inputs with 3 or more dimensions, (T, B, *, d) (dimension 0
+    of (B, d) ones). The guard (``dpkernels.engine.guard``) reads B from the model's input at
+    every call, refuses any DP layer whose rows it cannot show to be examples of that batch
+    (at the first step, a probe re-indexes the examples and checks that every layer's rows
+    follow), and, as a second line, a step reporting more examples than ``expected_batch_size``
+    can plausibly produce (more than B̄ + 8√B̄ + 8). Call the model itself, not its submodules.
 
     ``clipping`` (see ``dpkernels.engine.clipping``): "flat" (default: one norm over every
     layer), "automatic" (flat, c_i = C / (‖g_i‖ + ``auto_clip_gamma``)), "per_layer" (each DP
@@ -200,7 +204,12 @@ def make_private(
         for n, p in module.named_parameters(recurse=False):
             if p.requires_grad:
                 if id(p) in streams:
-                    raise ValueError(f"parameter '{mod_name}.{n}' is shared by two DP layers: not supported")
+                    raise ValueError(
+                        f"parameter '{param_names[id(p)]}' is shared by two DP layers ('{param_names[id(p)]}' and "
+                        f"'{mod_name}.{n}'): tied weights have no per-example clipping path yet. Untie them (for a "
+                        "Hugging Face model, config.tie_word_embeddings=False before building it) or freeze the "
+                        "parameter (requires_grad_(False))"
+                    )
                 streams[id(p)] = len(streams)
                 param_names[id(p)] = f"{mod_name}.{n}" if mod_name else n
     _check_optimizer(optimizer, model, param_names)
