@@ -7,6 +7,7 @@ with the per-example reference loop.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -66,3 +67,23 @@ def test_readme_quick_example_runs_as_written():
     namespace: dict = {}
     exec(compile(code, "README.md (quick example)", "exec"), namespace)
     assert 0 < namespace["accountant"].epsilon(delta=1e-5) < 10
+
+
+def test_demo_gpt2_trains_privately_and_reports():
+    pytest.importorskip("transformers")
+    proc = subprocess.run(
+        [sys.executable, "-m", "dpkernels.demo", "--model", "gpt2", "--epochs", "1"],
+        capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = {line.split()[0]: line.split() for line in proc.stdout.splitlines() if line.strip()}
+    assert "stdlib" in lines and "T=64" in lines["stdlib"]  # the corpus header
+    untrained = float(lines["untrained"][4])
+    private, non_private = lines["dpkernels"], lines["non-private"]
+    perplexity, epsilon = float(private[1]), float(private[2])
+    assert epsilon == pytest.approx(3.0, rel=0.02)  # the calibrated target, as the accountant reports it
+    for value in (untrained, perplexity, float(non_private[1])):
+        assert math.isfinite(value) and value > 0
+    assert untrained == pytest.approx(256, rel=0.1)  # a random init guesses the bytes about uniformly
+    assert perplexity < 0.5 * untrained  # the private run trained: uniform over 256 bytes is 256
+    assert float(non_private[1]) < 0.5 * untrained
