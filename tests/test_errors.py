@@ -476,7 +476,7 @@ def test_batch_sizes_must_agree_across_layers():
 
     torch.manual_seed(0)
     model, opt = _private(Odd())
-    with pytest.raises(ValueError, match="got input of shape \(2, 5\).*B = 4"):
+    with pytest.raises(ValueError, match=r"got input of shape \(2, 5\).*B = 4"):
         model(torch.randn(4, 5)).backward()
 
 

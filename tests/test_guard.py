@@ -298,3 +298,56 @@ def test_lora_frozen_base_layers_do_no_norm_work():
     recorded = set(opt.collector.records)
     assert recorded and all("lora_" in name for name in recorded)
     opt.step()
+
+
+class OneRowForAll(nn.Module):
+    """Looks up (1, T) position ids (expanded to the batch by the guard), then uses one row of the
+    result for every example: forward, the B expanded rows are equal and nothing differs; backward,
+    that row would carry every example's gradient."""
+
+    def __init__(self, row: int, per_example_output: bool = True) -> None:
+        super().__init__()
+        self.row = row
+        self.per_example_output = per_example_output
+        self.tok = nn.Embedding(11, 6)
+        self.pos = nn.Embedding(16, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, ids, y=None):
+        T = ids.shape[1]
+        pos = self.pos(torch.arange(T, device=ids.device)[None])
+        out = self.head(torch.tanh(self.tok(ids) + pos[self.row]).mean(1))
+        return out if self.per_example_output else F.cross_entropy(out, y)
+
+
+@pytest.mark.parametrize("row", [0, -1])
+def test_one_row_of_a_broadcast_input_used_for_every_example_is_refused(row):
+    model, _ = _private(OneRowForAll(row), 6)
+    with pytest.raises(ValueError, match=r"'pos' \(DPEmbedding\): example \d's outputs send gradient to its row"):
+        model(_ids(6, 5)[0])
+
+
+def test_a_broadcast_input_needs_a_per_example_output_to_be_checked():
+    model, _ = _private(OneRowForAll(0, per_example_output=False), 6)
+    ids, y = _ids(6, 5)
+    with pytest.raises(ValueError, match=r"DP layers pos take an input shared by every example.*no per-example output"):
+        model(ids, y)
+
+
+class OneRowOfALayer(nn.Module):
+    """Uses example 0's row of a linear layer for every example (no broadcast involved)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(5, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.proj(x)
+        return self.head(torch.tanh(h + h[:1]).mean(1))
+
+
+def test_a_row_used_by_other_examples_is_refused():
+    model, _ = _private(OneRowOfALayer(), 6)
+    with pytest.raises(ValueError, match=r"'proj' \(DPLinear\)"):
+        model(_xy(6, 3)[0])

@@ -34,6 +34,8 @@ class ModuleCollector:
         self.name = name
 
     def record(self, payload: Any, *norm_inputs: torch.Tensor) -> None:
+        if self.step.guard.mode == "probe":  # the guard's probe runs backward to check gradient flow only
+            return
         sq_norms = self.module.dp_sq_norms(*norm_inputs, method=self.step.norm_method, backend=self.step.backend)
         record = LayerRecord(self.module, payload, sq_norms)
         self.step.add(self.name, record)

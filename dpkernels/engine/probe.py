@@ -11,6 +11,8 @@ model three times on the batch the user passed:
     F0  the original model: every DP layer computes as its torch original
     F2  the DP model on the batch re-indexed by π, fingerprinted the same way
 
+and, on F1's graph, two backward passes from the outputs of examples 0 and B − 1 to the DP
+layers' outputs (no gradient is recorded or written),
 with π(i) = (i + 1) mod B, except that the slot that would take example a takes example b
 instead, where a, b are two different examples (a is dropped, b appears twice). It checks
 
@@ -19,6 +21,9 @@ instead, where a, b are two different examples (a is dropped, b appears twice). 
                             examples: a row that depends on no example (a (T, T) position
                             matrix), on several (after a batch statistic) or on a position
                             (flattened rows) does not
+    ∂out_k/∂row_j = 0       for j ≠ k: example k's outputs reach only its own row of each DP
+                            layer; this is what shows an expanded (broadcast) input is used row by
+                            row, whose B equal rows the forward checks cannot tell apart
 
 Tensors are compared through fingerprints, so no activation is kept: along the last dimension
 d, each row v becomes (⟨v, r_1⟩, ⟨v, r_2⟩, ⟨v, r_3⟩, ‖v‖) with fixed Gaussian r_k, compared to a
@@ -114,23 +119,33 @@ class ProbeTrace:
     def __init__(self, fingerprints: _Fingerprints) -> None:
         self.fp = fingerprints
         self.calls: List[Tuple[nn.Module, Tuple[str, ...], List[torch.Tensor]]] = []
+        self.layouts: Dict[Tuple[nn.Module, int], ExampleLayout] = {}  # (layer, its n-th call): first input's
 
     def record(self, layer: nn.Module, inputs: Sequence[torch.Tensor], layouts: Sequence[ExampleLayout]) -> None:
         rows = [_example_rows(self.fp, layout.batch_first(t)) for t, layout in zip(inputs, layouts)]
+        self.layouts[(layer, sum(1 for c in self.calls if c[0] is layer))] = layouts[0]
         self.calls.append((layer, tuple(layout.kind for layout in layouts), rows))
 
 
 class _LayerIO:
-    """Forward hooks on the DP layers: fingerprints of each call's raw inputs and outputs (F0 vs F1)."""
+    """Forward hooks on the DP layers: fingerprints of each call's raw inputs and outputs (F0 vs F1),
+    and with ``keep_outputs`` the output tensors themselves (the gradient check)."""
 
-    def __init__(self, layers: Sequence[nn.Module], fingerprints: _Fingerprints) -> None:
+    def __init__(self, layers: Sequence[nn.Module], fingerprints: _Fingerprints, keep_outputs: bool = False) -> None:
         self.fp = fingerprints
         self.calls: List[Tuple[nn.Module, List[torch.Tensor], List[torch.Tensor]]] = []
+        self.outputs: List[Tuple[nn.Module, int, torch.Tensor]] = []
+        self._keep = keep_outputs
+        self._count: Dict[nn.Module, int] = {}
         self._handles = [m.register_forward_hook(self._hook) for m in layers]
 
     def _hook(self, module: nn.Module, args: tuple, output: Any) -> None:
-        self.calls.append((module, [self.fp(t) for t in tensor_leaves(args)],
-                           [self.fp(t) for t in tensor_leaves(output)]))
+        outs = tensor_leaves(output)
+        self.calls.append((module, [self.fp(t) for t in tensor_leaves(args)], [self.fp(t) for t in outs]))
+        n = self._count.get(module, 0)
+        self._count[module] = n + 1
+        if self._keep and outs and outs[0].requires_grad:
+            self.outputs.append((module, n, outs[0]))
 
     def remove(self) -> None:
         for h in self._handles:
@@ -256,6 +271,51 @@ def _follows(trace1: ProbeTrace, trace2: ProbeTrace, out1: List[torch.Tensor], o
     return problems
 
 
+def _gradient_flow(io1: _LayerIO, trace1: ProbeTrace, out1: Any, B: int, batch_first: bool,
+                   names: Dict[nn.Module, str]) -> List[str]:
+    """Failures of "example k's outputs send gradient to row k of every DP layer, and to no other row",
+    for k = 0 and k = B − 1 (one backward each, to the DP layers' outputs; nothing is recorded).
+
+    This is what the forward checks cannot see for a broadcast input: its B expanded rows are equal,
+    so a model that went on to use one row for every example (``pos[0]``) would look the same forward,
+    while row 0 would carry every example's gradient."""
+    leaves = [t for t in tensor_leaves(out1) if t.dim() >= 1 and t.is_floating_point() and t.requires_grad
+              and t.shape[batch_dim_of_input(t, batch_first)] == B]
+    outs = [(m, n, t) for m, n, t in io1.outputs if (m, n) in trace1.layouts]
+    if not outs:
+        return []
+    if not leaves:
+        shared = [names.get(m, type(m).__name__) for (m, _), lay in trace1.layouts.items() if lay.kind == "broadcast"]
+        if shared:
+            return [f"DP layers {', '.join(sorted(set(shared)))} take an input shared by every example (expanded "
+                    "to the batch), and the model returns no per-example output through which the probe could "
+                    "check that each example's gradient reaches only its own row: return per-example outputs "
+                    "(e.g. logits) as well, or freeze those layers"]
+        return []
+    problems: List[str] = []
+    g = torch.Generator().manual_seed(B)
+    weights = [torch.randn(t.movedim(batch_dim_of_input(t, batch_first), 0)[0].shape, generator=g,
+                           dtype=torch.float64).to(t.device) for t in leaves]
+    for k in sorted({0, B - 1}):
+        scalar = sum((t.movedim(batch_dim_of_input(t, batch_first), 0)[k].double() * w).sum()
+                     for t, w in zip(leaves, weights))
+        grads = torch.autograd.grad(scalar, [t for _, _, t in outs], retain_graph=True, allow_unused=True)
+        for (m, n, _), grad in zip(outs, grads):
+            if grad is None:
+                continue
+            rows = trace1.layouts[(m, n)].batch_first(grad).reshape(B, -1).double().norm(dim=1)
+            others = rows.clone()
+            others[k] = 0.0
+            if float(others.max()) > 1e-6 * float(rows.max()) + 1e-30:
+                where = int(others.argmax())
+                problems.append(
+                    f"DP layer '{names.get(m, type(m).__name__)}' ({type(m).__name__}): example {k}'s outputs send "
+                    f"gradient to its row {where}, which belongs to example {where} (the model uses a row of this "
+                    "layer for other examples than its own, e.g. indexes one row of a broadcast tensor)"
+                )
+    return problems
+
+
 def _same_model(io0: _LayerIO, io1: _LayerIO, out0: Any, out1: Any, fp: _Fingerprints,
                 names: Dict[nn.Module, str]) -> List[str]:
     """Failures of F1 = F0: the DP model's outputs against the original's, and the first DP layer to blame."""
@@ -320,11 +380,13 @@ def run_probe(guard: ExampleGuard, args: tuple, kwargs: dict) -> None:
         # the DP model first, so that a DP layer's own refusal (unbatched input, ...) is the error seen
         guard.mode = "probe"
         guard.trace = trace1 = ProbeTrace(fp)
-        io1 = _LayerIO(layers, fp)
+        io1 = _LayerIO(layers, fp, keep_outputs=True)
         try:
             out1 = model(*args, **kwargs)
         finally:
             io1.remove()
+        flow = _gradient_flow(io1, trace1, out1, B, guard.batch_first, names)
+        io1.outputs = []
         out1 = pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, out1)
 
         guard.mode = "plain"
@@ -358,7 +420,7 @@ def run_probe(guard: ExampleGuard, args: tuple, kwargs: dict) -> None:
             follows = _follows(trace1, trace2, rows1, rows2, pi, names)
             if not follows:
                 break
-    problems += follows
+    problems += follows + flow
     if problems:
         raise ValueError(
             "make_private's probe could not show that every row a DP layer clips is one example of the batch "
