@@ -31,6 +31,7 @@ from .ops import embedding_grads as _emb
 from .ops import linear_clipped_grad as _lcg
 from .ops import linear_sq_norms as _lsn
 from .ops import norm_affine_grads as _nag
+from .ops import tied_cross as _tied
 from .ops._triton import HAS_TRITON, interpret_mode
 from .ops.philox import PhiloxKey, resolve_key
 
@@ -545,6 +546,65 @@ def embedding_clipped_grad(
     if impl == "torch":
         return _emb.embedding_clipped_grad_reference(tok2, g3, c, num_embeddings, pad, noise_std, key, out_dtype)
     return _emb.embedding_clipped_grad_triton(tok2, g3, c, num_embeddings, pad, noise_std, key, out_dtype)
+
+
+# ------------------------------------------------------------------ tied parameters -------
+
+
+def embedding_linear_cross(
+    tokens: torch.Tensor,
+    grad_embedding: torch.Tensor,
+    x: torch.Tensor,
+    grad_head: torch.Tensor,
+    *,
+    padding_idx: Optional[int] = None,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """⟨g_i^emb, g_i^head⟩ per example, float32 (B,), for a (V, p) table that is also the weight of a
+    linear head y = x Wᵀ (the tied input/output embedding of a language model).
+
+    tokens (B,) or (B, *) ids into the table and grad_embedding = ∂L/∂(lookup), tokens.shape + (p,);
+    x (B, d) or (B, *, p) the head's input and grad_head = ∂L/∂y, x.shape[:-1] + (V,). Positions
+    holding ``padding_idx`` add nothing. Σ_t Σ_s H_{s,tok_t} (x_s · G_t); the math and the kernel
+    are in ``dpkernels.ops.tied_cross``.
+    """
+    V = grad_head.shape[-1] if isinstance(grad_head, torch.Tensor) and grad_head.dim() >= 1 else 1
+    tok2, ge3, pad = _as_tokens_bt(tokens, grad_embedding, V, padding_idx, check_ids=False)
+    x3, gh3 = _as_btd(x, grad_head)
+    if x3.shape[0] != tok2.shape[0] or x3.shape[2] != ge3.shape[2]:
+        raise ValueError(
+            f"the embedding's batch and width {tuple(ge3.shape[::2])} do not match the head's input "
+            f"{tuple(x3.shape[::2])}"
+        )
+    if x3.dtype != ge3.dtype:
+        x3, ge3 = x3.float(), ge3.float()
+    impl = select_backend(x3.device, backend)
+    if impl == "torch":
+        return _tied.token_linear_cross_reference(tok2, ge3, x3, gh3, pad)
+    return _tied.token_linear_cross_triton(tok2, ge3, x3, gh3, pad)
+
+
+def linear_linear_cross(x1: torch.Tensor, grad1: torch.Tensor, x2: torch.Tensor, grad2: torch.Tensor) -> torch.Tensor:
+    """⟨G1_iᵀ x1_i, G2_iᵀ x2_i⟩ per example, float32 (B,): one weight used by two linear layers."""
+    a, ga = _as_btd(x1, grad1)
+    b, gb = _as_btd(x2, grad2)
+    if a.shape[0] != b.shape[0] or a.shape[2] != b.shape[2] or ga.shape[2] != gb.shape[2]:
+        raise ValueError(f"the two uses do not share one weight: {tuple(ga.shape)}ᵀ{tuple(a.shape)} vs "
+                         f"{tuple(gb.shape)}ᵀ{tuple(b.shape)}")
+    return _tied.linear_linear_cross_reference(a, ga, b, gb)
+
+
+def embedding_embedding_cross(
+    tokens1: torch.Tensor, grad1: torch.Tensor, tokens2: torch.Tensor, grad2: torch.Tensor, *,
+    num_embeddings: int, padding_idx: Optional[int] = None,
+) -> torch.Tensor:
+    """⟨g_i^(1), g_i^(2)⟩ per example, float32 (B,): one table looked up twice (an encoder's and a
+    decoder's embedding)."""
+    t1, g1, pad = _as_tokens_bt(tokens1, grad1, num_embeddings, padding_idx, check_ids=False)
+    t2, g2, _ = _as_tokens_bt(tokens2, grad2, num_embeddings, padding_idx, check_ids=False)
+    if t1.shape[0] != t2.shape[0] or g1.shape[2] != g2.shape[2]:
+        raise ValueError("the two lookups do not share one batch and table width")
+    return _tied.token_token_cross_reference(t1, g1, t2, g2, pad)
 
 
 # ------------------------------------------------------------------ convolution -----------

@@ -149,6 +149,56 @@ def opt(B: int = 6, T: int = 7) -> Case:
     return model, {"input_ids": ids, "attention_mask": torch.ones(B, T, dtype=torch.long), "labels": ids.clone()}, _lm
 
 
+def gpt2_lm(B: int = 6, T: int = 7) -> Case:
+    """GPT-2's LM head model: the head's weight is the token embedding (tied)."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.GPT2Config(n_layer=LAYERS, n_embd=D, n_head=HEADS, vocab_size=V, n_positions=64, bos_token_id=1,
+                        eos_token_id=1)
+    model = tf.GPT2LMHeadModel(cfg)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    return _causal_lm(model, B, T)
+
+
+def llama_tied(B: int = 6, T: int = 7) -> Case:
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = _decoder_cfg(tf.LlamaConfig)
+    cfg.tie_word_embeddings = True
+    model = tf.LlamaForCausalLM(cfg)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    return _causal_lm(model, B, T)
+
+
+def opt_tied(B: int = 6, T: int = 7) -> Case:
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.OPTConfig(hidden_size=D, ffn_dim=FF, num_hidden_layers=LAYERS, num_attention_heads=HEADS, vocab_size=V,
+                       max_position_embeddings=64, word_embed_proj_dim=D, pad_token_id=0)
+    model = tf.OPTForCausalLM(cfg)
+    assert model.lm_head.weight is model.model.decoder.embed_tokens.weight
+    ids = _ids(B, T)
+    return model, {"input_ids": ids, "attention_mask": torch.ones(B, T, dtype=torch.long), "labels": ids.clone()}, _lm
+
+
+def t5_tied(B: int = 6, T: int = 7, T_dec: int = 5) -> Case:
+    """T5 with ``shared`` trainable: one table behind the encoder's and decoder's embeddings and the head."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.T5Config(d_model=D, d_ff=FF, num_layers=LAYERS, num_decoder_layers=LAYERS, num_heads=HEADS, d_kv=8,
+                      vocab_size=V, relative_attention_num_buckets=8, tie_word_embeddings=True,
+                      decoder_start_token_id=0, pad_token_id=0)
+    model = tf.T5ForConditionalGeneration(cfg)
+    assert model.lm_head.weight is model.shared.weight is model.encoder.embed_tokens.weight
+    batch = {"input_ids": _ids(B, T), "attention_mask": torch.ones(B, T, dtype=torch.long),
+             "labels": _ids(B, T_dec, seed=3)}
+    return model, batch, _lm
+
+
 def _images(B: int, size: int = 16) -> torch.Tensor:
     return torch.randn(B, 3, size, size, generator=torch.Generator().manual_seed(0))
 
@@ -177,6 +227,23 @@ def timm_vit(B: int = 6) -> Case:
                               depth=LAYERS, num_heads=HEADS, num_classes=3)
     model.cls_token.requires_grad_(False)  # bare parameters: next issue
     model.pos_embed.requires_grad_(False)
+    return model, (_images(B), _labels(B)), _timm_loss
+
+
+def hf_vit_all(B: int = 6) -> Case:
+    """HF ViT with every parameter trainable: the bare cls_token and position_embeddings too."""
+    model, batch, loss = hf_vit(B)
+    model.requires_grad_(True)
+    return model, batch, loss
+
+
+def timm_vit_all(B: int = 6) -> Case:
+    """timm ViT with every parameter trainable, layer scale on (its γ vectors are trained too)."""
+    timm = import_timm()
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=4, embed_dim=D,
+                              depth=LAYERS, num_heads=HEADS, num_classes=3, init_values=0.5)
     return model, (_images(B), _labels(B)), _timm_loss
 
 
@@ -244,4 +311,6 @@ CASES: Dict[str, Callable[..., Case]] = {
     "gpt2": gpt2, "bert": bert, "roberta": roberta, "distilbert": distilbert, "llama": llama, "qwen2": qwen2,
     "mistral": mistral, "gemma": gemma, "t5": t5, "opt": opt, "hf_vit": hf_vit, "timm_vit": timm_vit,
     "timm_resnet": timm_resnet, "lora_gpt2": lora_gpt2, "lora_llama": lora_llama, "torch_encoder": torch_encoder,
+    "gpt2_lm_tied": gpt2_lm, "llama_tied": llama_tied, "opt_tied": opt_tied, "t5_tied": t5_tied,
+    "hf_vit_all": hf_vit_all, "timm_vit_all": timm_vit_all,
 }

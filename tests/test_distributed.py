@@ -23,12 +23,18 @@ import dpkernels
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
 B, SEED = 7, 1234
-SHARDS = {"split": (slice(0, 4), slice(4, 7)), "rank1_empty": (slice(0, 7), slice(0, 0))}
+SHARDS = {"split": (slice(0, 4), slice(4, 7)), "rank1_empty": (slice(0, 7), slice(0, 0)),
+          "tied_split": (slice(0, 4), slice(4, 7))}
 
 
-def _model() -> nn.Module:
+def _model(tied: bool = False) -> nn.Module:
+    """With ``tied``, two linear layers share one weight: its cross terms are per rank, its noise once."""
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(5, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 3))
+    model = nn.Sequential(nn.Linear(5, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8),
+                          nn.Tanh(), nn.Linear(8, 3))
+    if tied:
+        model[5].weight = model[3].weight
+    return model
 
 
 def _data():
@@ -45,7 +51,7 @@ def _private(model, **kw):
 def _worker(rank: int, world: int, rendezvous: str, case: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     try:
-        model = _model()
+        model = _model(tied=case.startswith("tied"))
         if rank == 1:  # different initial weights: make_private must broadcast rank 0's
             with torch.no_grad():
                 for p in model.parameters():
@@ -76,20 +82,20 @@ def _run(case: str, tmp_path: Path):
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
 
 
-def _single_process(rows: slice):
-    model, opt = _private(_model())
+def _single_process(rows: slice, tied: bool = False):
+    model, opt = _private(_model(tied))
     x, y = _data()
     F.cross_entropy(model(x[rows]), y[rows]).backward()
     opt.step()
     return {n: p.detach() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("case", ["split", "rank1_empty"])
+@pytest.mark.parametrize("case", ["split", "rank1_empty", "tied_split"])
 def test_two_ranks_take_the_single_process_step(case, tmp_path):
     ranks = _run(case, tmp_path)
     # loss_reduction="mean": each rank's loss is its own mean; the engine rescales per rank, so the
     # union batch's step is the one-process step on all 7 examples
-    expected = _single_process(slice(0, 7))
+    expected = _single_process(slice(0, 7), tied=case.startswith("tied"))
     for r, res in enumerate(ranks):
         assert "error" not in res, res.get("error")
         for n, p in res["params"].items():

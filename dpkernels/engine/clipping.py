@@ -68,14 +68,36 @@ class ClippingPlan:
         return flat_clip_factors(sq_norms, self.group_norms[group])
 
 
+def _merge_ties(member_lists: List[List[str]], ties: Sequence[Sequence[str]]) -> List[List[str]]:
+    """The groups with every tie's layers merged into the group of its first layer (order kept)."""
+    group = {n: k for k, members in enumerate(member_lists) for n in members}
+    for tie in ties:
+        target = group[tie[0]]
+        for n in tie[1:]:
+            old = group[n]
+            if old != target:
+                for m, k in group.items():
+                    if k == old:
+                        group[m] = target
+    merged: Dict[int, List[str]] = {}
+    for k, members in enumerate(member_lists):
+        for n in members:
+            merged.setdefault(group[n], []).append(n)
+    return [merged[k] for k in sorted(merged)]
+
+
 def make_plan(
     style: str,
     layer_names: List[str],
     max_grad_norm: Union[float, Sequence[float]],
     groups: Optional[Sequence[Sequence[str]]] = None,
     gamma: float = 0.01,
+    ties: Sequence[Sequence[str]] = (),
 ) -> ClippingPlan:
     """The ClippingPlan of ``style`` for DP layers ``layer_names`` (those with trainable parameters).
+
+    ``ties``: lists of layers that share a parameter. Its per-example norm involves all of them,
+    so they are one group: per-layer clipping merges them, and named groups must keep them together.
 
     Raises ValueError naming the problem: an unknown style, groups with unknown, missing or
     repeated layers, a threshold list of the wrong length, thresholds that are not positive.
@@ -89,7 +111,7 @@ def make_plan(
     if style in ("flat", "automatic"):
         member_lists = [list(layer_names)]
     elif style == "per_layer":
-        member_lists = [[n] for n in layer_names]
+        member_lists = _merge_ties([[n] for n in layer_names], ties)
     else:
         if not groups:
             raise ValueError("clipping='group' needs groups=[[layer names], ...] covering every DP layer")
@@ -111,6 +133,12 @@ def make_plan(
         missing = [n for n in layer_names if n not in seen]
         if missing:
             raise ValueError(f"DP layers in no clipping group (they would go unclipped): {', '.join(missing)}")
+        for tie in ties:
+            if len({seen[n] for n in tie}) > 1:
+                raise ValueError(
+                    f"DP layers {', '.join(tie)} share a parameter, so its per-example norm involves all of them: "
+                    "put them in one clipping group"
+                )
     K = len(member_lists)
     if isinstance(max_grad_norm, (int, float)):
         norms = [float(max_grad_norm) / math.sqrt(K)] * K

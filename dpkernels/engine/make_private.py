@@ -10,12 +10,14 @@ import torch.nn as nn
 
 from ..nn import registry
 from ..nn.convert import convert
+from ..nn import fallback as _fallback
 from ..nn.module import DPModule
 from ..ops.linear_sq_norms import METHODS
 from .clipping import make_plan
 from .collector import StepCollector
 from .distributed import RankGroup
 from .guard import ExampleGuard
+from .ties import TieSet
 from .optimizer import LOSS_REDUCTIONS, DPOptimizer
 
 _BATCHNORM = (nn.modules.batchnorm._BatchNorm,)
@@ -28,12 +30,18 @@ def _unsupported_message(name: str, module: nn.Module, params: List[str]) -> str
             f"{label}: BatchNorm mixes the examples of a batch, so per-example gradients do not exist; "
             "replace it with GroupNorm/LayerNorm or freeze it (requires_grad_(False), eval())"
         )
+    size = sum(p.numel() for p in module.parameters(recurse=False) if p.requires_grad)
+    limit = _fallback.FALLBACK_MAX_PARAMETERS
+    if size > limit:
+        fallback = f"; its {size} own parameter elements are too many for the torch.func fallback ({limit})"
+    else:
+        fallback = "; make_private(..., fallback=True) would run it on the torch.func fallback"
     reason = registry.explain(module)
     if reason is not None:
-        return f"{label}: {reason}; or freeze these parameters"
+        return f"{label}: {reason}{fallback}; or freeze these parameters"
     return (
         f"{label}: no per-example clipping path (no DP layer is registered for "
-        f"{registry.qualified_name(type(module))}); freeze these parameters, "
+        f"{registry.qualified_name(type(module))}){fallback}; freeze these parameters, "
         "use a supported layer, or register a DP layer for it (dpkernels.nn.register_dp_layer, see the README)"
     )
 
@@ -81,6 +89,19 @@ def _check_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, dp_para
                 )
 
 
+def _check_ties(ties: TieSet, modules: Dict[str, nn.Module]) -> None:
+    """Refuse a parameter shared by layers that cannot describe their use of it (``DPModule.dp_use``)."""
+    for pid, layer_uses in ties.uses.items():
+        unable = [layer for layer, _ in layer_uses if type(modules[layer]).dp_use is DPModule.dp_use]
+        if unable:
+            names = ", ".join(f"'{layer}.{n}'" if layer else n for layer, n in layer_uses)
+            raise ValueError(
+                f"parameter {names} is shared by several DP layers, and {', '.join(unable)} "
+                f"({', '.join(type(modules[u]).__name__ for u in unable)}) cannot take part in a tie yet; untie the "
+                "parameter or freeze it (requires_grad_(False))"
+            )
+
+
 def _guard_param(name: str) -> Any:
     def hook(grad: Optional[torch.Tensor]) -> None:
         if grad is None:  # the DP layer's own backward returns no gradient for its parameters
@@ -124,6 +145,7 @@ def make_private(
     groups: Optional[Sequence[Sequence[str]]] = None,
     auto_clip_gamma: float = 0.01,
     distributed: bool = False,
+    fallback: bool = True,
 ) -> Tuple[nn.Module, DPOptimizer]:
     """Make ``loss.backward(); optimizer.step()`` one DP-SGD step with per-example clipping.
 
@@ -164,6 +186,13 @@ def make_private(
     Either way every example's clipped gradient has norm at most sqrt(Σ C_k²), and the noise
     is σ times that.
 
+    ``fallback``: a module with trainable parameters of its own, no registered DP layer and at most
+    ``dpkernels.nn.fallback.FALLBACK_MAX_PARAMETERS`` of them (bare parameters such as a ViT's
+    class token, a layer-scale vector) gets exact per-example gradients by torch.func
+    (``dpkernels.nn.fallback``); make_private names such modules in a ``DPFallbackWarning`` and in
+    ``optimizer.fallback_modules``. ``fallback=False`` refuses them instead. BatchNorm is refused
+    either way.
+
     ``distributed``: data-parallel training over torch.distributed (initialised first, one
     process per rank; no DDP wrapper). Every rank passes the same model, the global
     ``expected_batch_size`` B̄ = q·N, and Poisson-samples its own disjoint shard of the data with
@@ -195,26 +224,30 @@ def make_private(
     if not isinstance(distributed, bool):
         raise TypeError(f"distributed must be True or False, got {distributed!r}")
     ranks = RankGroup(distributed)
+    if not isinstance(fallback, bool):
+        raise TypeError(f"fallback must be True or False, got {fallback!r}")
     model = convert(model)
+    fallbacks = _fallback.put_on_fallback(model, fallback)
     dp_modules = _check_model(model)
 
+    # one noise stream per parameter, however many layers use it (a tied parameter gets its noise once)
     streams: Dict[int, int] = {}
     param_names: Dict[int, str] = {}
+    uses: Dict[int, List[Tuple[str, str]]] = {}
+    params: Dict[int, nn.Parameter] = {}
     for mod_name, module in dp_modules:
         for n, p in module.named_parameters(recurse=False):
             if p.requires_grad:
-                if id(p) in streams:
-                    raise ValueError(
-                        f"parameter '{param_names[id(p)]}' is shared by two DP layers ('{param_names[id(p)]}' and "
-                        f"'{mod_name}.{n}'): tied weights have no per-example clipping path yet. Untie them (for a "
-                        "Hugging Face model, config.tie_word_embeddings=False before building it) or freeze the "
-                        "parameter (requires_grad_(False))"
-                    )
-                streams[id(p)] = len(streams)
-                param_names[id(p)] = f"{mod_name}.{n}" if mod_name else n
+                uses.setdefault(id(p), []).append((mod_name, n))
+                params[id(p)] = p
+                if id(p) not in streams:
+                    streams[id(p)] = len(streams)
+                    param_names[id(p)] = f"{mod_name}.{n}" if mod_name else n
+    ties = TieSet(uses, params)
+    _check_ties(ties, dict((n, m) for n, m in dp_modules))
     _check_optimizer(optimizer, model, param_names)
     trainable_layers = [n for n, m in dp_modules if any(p.requires_grad for p in m.parameters(recurse=False))]
-    plan = make_plan(clipping, trainable_layers, max_grad_norm, groups, auto_clip_gamma)
+    plan = make_plan(clipping, trainable_layers, max_grad_norm, groups, auto_clip_gamma, ties=ties.layer_groups())
 
     ranks.broadcast_module(model)  # every rank starts from rank 0's weights
     guard = ExampleGuard(batch_first)
@@ -223,9 +256,8 @@ def make_private(
                               guard=guard)
     for _, module in dp_modules:
         module.dp_attach(collector)
-        for n, p in module.named_parameters(recurse=False):
-            if p.requires_grad:
-                p.register_hook(_guard_param(param_names[id(p)]))
+    for pid, p in params.items():
+        p.register_hook(_guard_param(param_names[pid]))
 
     dp_optimizer = DPOptimizer(
         optimizer,
@@ -244,5 +276,7 @@ def make_private(
         check_finite=check_finite,
         clipping=plan,
         ranks=ranks,
+        ties=ties,
     )
+    dp_optimizer.fallback_modules = fallbacks
     return model, dp_optimizer

@@ -40,6 +40,7 @@ from ..ops.philox import PhiloxKey
 from .clipping import ClippingPlan, make_plan
 from .collector import LayerRecord, StepCollector
 from .distributed import RankGroup
+from .ties import TieSet
 
 LOSS_REDUCTIONS = ("mean", "sum")
 
@@ -70,6 +71,7 @@ class DPOptimizer(torch.optim.Optimizer):
         check_finite: bool = True,
         clipping: Optional[ClippingPlan] = None,
         ranks: Optional[RankGroup] = None,
+        ties: Optional[TieSet] = None,
     ) -> None:
         # Deliberately no super().__init__: this object owns no parameters of its own.
         self.ranks = ranks if ranks is not None else RankGroup(distributed=False)
@@ -96,6 +98,10 @@ class DPOptimizer(torch.optim.Optimizer):
         # gradient accumulation: id(param) -> float32 Σ c_i s g_i / B̄ of the micro-batches so far
         self._accumulated: Dict[int, torch.Tensor] = {}
         self._accumulated_examples = 0
+        # parameters shared by several DP layers: cross terms in the norms, noise once (engine/ties.py)
+        self.ties = ties if ties is not None else TieSet({}, {})
+        # (module name, why) of the modules make_private put on the torch.func fallback (nn/fallback.py)
+        self.fallback_modules: List[Tuple[str, str]] = []
         self._optimizer_step_pre_hooks: Dict[int, Callable] = OrderedDict()
         self._optimizer_step_post_hooks: Dict[int, Callable] = OrderedDict()
         if clipping.clips_in_backward:
@@ -220,6 +226,9 @@ class DPOptimizer(torch.optim.Optimizer):
                     "now: they have no clipping path; unfreeze before make_private"
                 )
             group_sq[k] = record.sq_norms if k not in group_sq else group_sq[k] + record.sq_norms
+        for name, cross in self.ties.cross_sq_norms(records, self.backend).items():
+            k = self.clipping.group_of[name]  # a tie's layers share one group (clipping.make_plan)
+            group_sq[k] = group_sq[k] + cross
         return {
             k: self.clipping.factors(k, sq * scale**2) * (scale / self.expected_batch_size)
             for k, sq in group_sq.items()
@@ -268,14 +277,27 @@ class DPOptimizer(torch.optim.Optimizer):
             if not self._trainable(module):
                 record.payload = None
                 return
-            factors = self._clip_factors({name: record})
-            self._add_to_running_sum(module, self._clipped_sum(module, record, factors, 0.0, torch.float32))
+            # a group merged by a tie is clipped once all its layers have recorded (or at the step)
+            group = self.clipping.group_of[name]
+            members = [n for n, k in self.clipping.group_of.items() if k == group]
+            records = {n: self.collector.records.get(n) for n in members}
+            if any(r is None or r.payload is None for r in records.values()):
+                return
+            factors = self._clip_factors(records)
+            for r in records.values():
+                self._add_to_running_sum(r.module, self._clipped_sum(r.module, r, factors, 0.0, torch.float32))
         except BaseException:
             self._discard()
             raise
 
+    @torch.no_grad()
     def write_private_grads(self) -> None:
-        """Set every trainable parameter's .grad to its clipped, noised, averaged gradient."""
+        """Set every trainable parameter's .grad to its clipped, noised, averaged gradient.
+
+        Per DP layer with a record, the fused clipped sum (its noise inside the kernel); a
+        parameter shared by several layers gets the sum of their clipped sums, with its noise drawn
+        once, from its own stream, as does a parameter whose layers were clipped earlier
+        (accumulate(), per-layer clipping) or did not run in this batch."""
         if not self.collector.records and not self._accumulated:
             raise RuntimeError(
                 "optimizer.step() called without a backward pass since the last step (or zero_grad() "
@@ -286,22 +308,40 @@ class DPOptimizer(torch.optim.Optimizer):
         factors = self._clip_factors(pending) if pending else {}
         if not pending:
             self._check_batch_size()
+        sums: Dict[int, torch.Tensor] = {}  # id(param) -> its clipped sum so far
+        noised = set()  # the parameters whose noise is already in sums
         for _, module in self.dp_modules:
             params = self._trainable(module)
-            if not params:
-                continue
-            partial = {n: self._accumulated.pop(id(p), None) for n, p in params}
-            out_dtype = torch.float32 if any(v is not None for v in partial.values()) else None
             record = pending.get(self._name_of(module))
-            if record is not None:
-                grads = self._clipped_sum(module, record, factors, self._local_noise_std, out_dtype)
-            else:  # clipped already (accumulate(), per-layer clipping) or absent from this batch: noise
-                grads = {n: self._noise_like(p, self._key(p, self._qualified(module, n)), out_dtype) for n, p in params}
+            if not params or record is None:
+                continue
+            alone = not any(self.ties.is_tied(p) or id(p) in self._accumulated for _, p in params)
+            grads = self._clipped_sum(module, record, factors, self._local_noise_std if alone else 0.0,
+                                      None if alone else torch.float32)
             for n, p in params:
-                g = grads[n]
-                if partial[n] is not None:
-                    g = partial[n].add_(g).to(p.dtype)
-                p.grad = g
+                sums[id(p)] = grads[n] if id(p) not in sums else sums[id(p)].add_(grads[n])
+                if alone:
+                    noised.add(id(p))
+        for name, p in self._unique_params():
+            g = sums.get(id(p))
+            running = self._accumulated.pop(id(p), None)
+            if id(p) not in noised:
+                noise = self._noise_like(p, self._key(p, name), torch.float32 if (g is not None or running is not None)
+                                         else None)
+                g = noise if g is None else g.add_(noise)
+            if running is not None:
+                g = running.add_(g)
+            p.grad = g.to(p.dtype)
+
+    def _unique_params(self) -> List[Tuple[str, nn.Parameter]]:
+        """Every trainable parameter of the DP layers once, with its qualified name (a tied one under
+        the name of its first layer)."""
+        seen: Dict[int, Tuple[str, nn.Parameter]] = {}
+        for _, module in self.dp_modules:
+            for n, p in self._trainable(module):
+                if id(p) not in seen:
+                    seen[id(p)] = (self._qualified(module, n), p)
+        return list(seen.values())
 
     @torch.no_grad()  # the recorded x may require grad: no graph may tie the running sum to it
     def accumulate(self) -> None:
@@ -404,7 +444,7 @@ class DPOptimizer(torch.optim.Optimizer):
     def _sum_over_ranks(self, failure: Optional[BaseException]) -> None:
         """Refuse the step on every rank if it failed on any (else the sum would hang or miss a
         rank's examples), then sum the ranks' gradients (a no-op in a single process)."""
-        params = [p for _, m in self.dp_modules for _, p in self._trainable(m)]
+        params = [p for _, p in self._unique_params()]  # a tied parameter's gradient summed once
         device = params[0].device if params else torch.device("cpu")
         if not self.ranks.all_succeeded(failure is None, device):
             self._discard()  # no half-written gradients, no half-consumed records survive a failed step
@@ -420,9 +460,8 @@ class DPOptimizer(torch.optim.Optimizer):
         if self.collector.records or self._accumulated:
             raise RuntimeError("noise_only_step() called after a backward pass or accumulate(): call step() instead")
         self._check_param_groups()
-        for _, module in self.dp_modules:
-            for n, p in self._trainable(module):
-                p.grad = self._noise_like(p, self._key(p, self._qualified(module, n)))
+        for name, p in self._unique_params():
+            p.grad = self._noise_like(p, self._key(p, name))
         self._sum_over_ranks(None)  # other ranks' batches may not be empty
         self._account()
         self.original_optimizer.step()

@@ -21,6 +21,9 @@ T5 / MT5 ``Attention``               its relative position bias looked up with t
                                      gradient summed per bucket, not the batch's
 ``OPTDecoderLayer``                  declares fc1, fc2 and final_layer_norm flattened: OPT reshapes
                                      (B, T, d) to (B·T, d) before them, batch-major
+``ViTEmbeddings``                    its bare ``cls_token`` and ``position_embeddings``: per-example
+                                     gradients of the embeddings' forward by the torch.func path
+                                     (``dpkernels.nn.fallback``): the token's slice of G, and G
 ===================================  ==================================================================
 
 Position embeddings looked up with (1, T) ids and broadcast over the batch (BERT, DistilBERT,
@@ -40,6 +43,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..nn.convert import declare_flattened
 from ..nn.embedding import DPEmbedding
+from ..nn.fallback import FallbackPath
 from ..nn.linear import LinearPath
 from ..nn.module import DPModule, become
 from ..nn.norm import _DPAffineNorm
@@ -139,3 +143,4 @@ for _model, _cls in [("gemma", "GemmaTextScaledWordEmbedding"), ("gemma2", "Gemm
 for _model, _cls in [("t5", "T5Attention"), ("mt5", "MT5Attention")]:
     register(f"{_MODELS}.{_model}.modeling_{_model}.{_cls}", _t5_attention, math=("forward", "compute_bias"))
 register(f"{_MODELS}.opt.modeling_opt.OPTDecoderLayer", _opt_decoder_layer)
+register(f"{_MODELS}.vit.modeling_vit.ViTEmbeddings", _norm_builder(FallbackPath), dp_type=FallbackPath)

@@ -86,6 +86,14 @@ class DPEmbedding(nn.Embedding, DPModule):
             check_ids=False,  # the forward's F.embedding checked them
         )
 
+    def dp_use(self, payload: Any, name: str) -> Any:
+        from ..engine.ties import DenseUse, TokenUse
+
+        if payload[0] == "per_example":
+            return DenseUse(payload[1])
+        _, tokens, grad_output = payload
+        return TokenUse(tokens, grad_output, self.num_embeddings, self.padding_idx)
+
     def dp_clipped_grads(
         self,
         payload: Any,

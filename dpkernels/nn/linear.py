@@ -80,7 +80,7 @@ class LinearPath(DPModule):
     ) -> Dict[str, torch.Tensor]:
         x, grad_output = payload
         with_bias = self._bias_trainable()
-        if with_bias and keys["bias"].stream != keys["weight"].stream + 1:
+        if with_bias and noise_std != 0.0 and keys["bias"].stream != keys["weight"].stream + 1:
             raise RuntimeError("internal: the bias noise stream must follow the weight's (stream + 1)")
         grad_w, grad_b = functional.linear_clipped_grad(
             x, grad_output, clip_factors, bias=with_bias,
@@ -90,6 +90,16 @@ class LinearPath(DPModule):
         if grad_b is not None:
             grads["bias"] = grad_b
         return grads
+
+    def dp_use(self, payload: Any, name: str) -> Any:
+        from ..engine.ties import DenseUse, LinearUse
+
+        x, grad_output = payload
+        if name == "bias":
+            g = grad_output.reshape(grad_output.shape[0], -1, grad_output.shape[-1])
+            return DenseUse(g.sum(dim=1, dtype=torch.float32))
+        # Wᵀ stored (Conv1D): the gradient of the parameter is xᵀG, a linear use with x and G swapped
+        return LinearUse(grad_output, x) if self._weight_transposed else LinearUse(x, grad_output)
 
     def dp_sq_norms(self, x: torch.Tensor, grad_output: torch.Tensor, method: str, backend: Optional[str]) -> torch.Tensor:
         return functional.linear_sq_norms(x, grad_output, bias=self._bias_trainable(), method=method, backend=backend)

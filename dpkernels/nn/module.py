@@ -76,6 +76,12 @@ class DPModule:
         from the tensors its autograd function hands to ``ModuleCollector.record``."""
         raise NotImplementedError
 
+    def dp_use(self, payload: Any, name: str) -> Any:
+        """This layer's use of its parameter ``name``, from its recorded ``payload``, as one of the forms
+        of ``dpkernels.engine.ties`` (for the cross terms of a parameter tied across layers). A layer
+        that does not implement it cannot share a parameter; ``make_private`` refuses such a tie."""
+        raise NotImplementedError(f"{type(self).__name__} cannot share a parameter with another layer")
+
     def dp_clipped_grads(
         self,
         payload: Any,
@@ -88,6 +94,42 @@ class DPModule:
         """Gradients (by parameter name) = Σ_i clip_factors_i g_i + noise_std·z, from ``payload``,
         in ``out_dtype`` (default: each parameter's dtype), accumulated in float32."""
         raise NotImplementedError
+
+
+class DenseGradients(DPModule):
+    """A DP layer that materialises its per-example gradients: the recorded payload is {parameter name:
+    (B, *shape) float32}. Norms are sums of squares; the step is the fused clip-sum-noise per parameter
+    (``functional.clip_sum_noise``). For small parameters: norm layers, the fallback."""
+
+    def dp_sq_norms(self, *per_example: torch.Tensor, method: str, backend: Optional[str]) -> torch.Tensor:
+        # ``method`` is the linear layers' norm method: per-example gradients here are materialised
+        return sum(g.reshape(g.shape[0], -1).square().sum(dim=1) for g in per_example)
+
+    def dp_use(self, payload: Dict[str, torch.Tensor], name: str) -> Any:
+        from ..engine.ties import DenseUse
+
+        return DenseUse(payload[name])
+
+    def dp_clipped_grads(
+        self,
+        payload: Dict[str, torch.Tensor],
+        clip_factors: torch.Tensor,
+        noise_std: float,
+        keys: Dict[str, PhiloxKey],
+        backend: Optional[str],
+        out_dtype: Optional[torch.dtype] = None,
+    ) -> Dict[str, torch.Tensor]:
+        from .. import functional
+
+        grads = {}
+        for name, key in keys.items():
+            if name not in payload:
+                raise RuntimeError(f"internal: {type(self).__name__} recorded no per-example gradient for '{name}'")
+            param = getattr(self, name)
+            total = functional.clip_sum_noise(payload[name], clip_factors, noise_std=noise_std, generator=key,
+                                              backend=backend)
+            grads[name] = total.view(param.shape).to(out_dtype or param.dtype)
+        return grads
 
 
 _COMBINED: Dict[Tuple[type, ...], type] = {}

@@ -18,7 +18,7 @@ from .. import functional
 from ..autograd.norm import DPGroupNormFunction, DPLayerNormFunction, DPRMSNormFunction
 from ..ops.philox import PhiloxKey
 from .linear import _autocast_enabled
-from .module import DPModule
+from .module import DenseGradients
 from .registry import register_dp_layer
 
 
@@ -30,7 +30,7 @@ def _float32_under_autocast(input: torch.Tensor) -> Tuple[torch.Tensor, ContextM
     return input, contextlib.nullcontext()
 
 
-class _DPAffineNorm(DPModule):
+class _DPAffineNorm(DenseGradients):
     """What the three layers share: the recorded payload is {parameter name: (B, *shape) float32}."""
 
     def _trainable_affine(self) -> bool:
@@ -72,29 +72,6 @@ class _DPAffineNorm(DPModule):
         x, _ = _float32_under_autocast(input)  # computed in float32 inside anyway: no autocast to switch off
         eps = torch.finfo(x.dtype).eps if eps is None else eps
         return DPRMSNormFunction.apply(x, weight, shape, eps, collector, layout)
-
-    def dp_sq_norms(self, *per_example: torch.Tensor, method: str, backend: Optional[str]) -> torch.Tensor:
-        # ``method`` is the linear layers' norm method: per-example gradients here are materialised
-        return sum(g.reshape(g.shape[0], -1).square().sum(dim=1) for g in per_example)
-
-    def dp_clipped_grads(
-        self,
-        payload: Dict[str, torch.Tensor],
-        clip_factors: torch.Tensor,
-        noise_std: float,
-        keys: Dict[str, PhiloxKey],
-        backend: Optional[str],
-        out_dtype: Optional[torch.dtype] = None,
-    ) -> Dict[str, torch.Tensor]:
-        grads = {}
-        for name, key in keys.items():
-            if name not in payload:
-                raise RuntimeError(f"internal: {type(self).__name__} recorded no per-example gradient for '{name}'")
-            param = getattr(self, name)
-            total = functional.clip_sum_noise(payload[name], clip_factors, noise_std=noise_std, generator=key,
-                                              backend=backend)
-            grads[name] = total.view(param.shape).to(out_dtype or param.dtype)
-        return grads
 
 
 @register_dp_layer(nn.LayerNorm)
