@@ -1,7 +1,7 @@
 """Run every benchmark in one command: ``python -m bench`` (GPU) or ``python -m bench --smoke`` (CPU).
 
 Order: full-step benchmark (the headline numbers first), floor (which reads the step results
-just written), linear-op micro-benchmark, embedding and norm-layer micro-benchmark. Each script gets its own time budget so the whole run fits one device call
+just written), linear-op micro-benchmark, embedding and norm-layer micro-benchmark, the tied embedding's cross term. Each script gets its own time budget so the whole run fits one device call
 (10 minutes): a configuration that would start after its script's budget is skipped and listed
 as skipped. A script that fails does not stop the others; the exit status is non-zero if any did.
 """
@@ -18,7 +18,7 @@ import traceback
 if "--smoke" in sys.argv[1:]:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from bench import bench_layer_ops, bench_linear_ops, bench_step, common, floor  # noqa: E402
+from bench import bench_layer_ops, bench_linear_ops, bench_step, bench_tied, common, floor  # noqa: E402
 
 # seconds after which each script starts no new configuration (GPU run); the sum plus the
 # overrun of the last configuration and start-up must stay under the device call's 600 s
@@ -29,7 +29,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, results to /tmp")
     ap.add_argument("--out-dir", default=None, help="result folder (default bench/results/ on a GPU, /tmp on CPU)")
-    scripts = ["step", "floor", "linear_ops", "layer_ops"]
+    scripts = ["step", "floor", "linear_ops", "layer_ops", "tied"]
     ap.add_argument("--only", nargs="+", choices=scripts, default=scripts)
     ap.add_argument("--no-budget", action="store_true", help="run every configuration whatever the time")
     args = ap.parse_args()
@@ -46,6 +46,7 @@ def main() -> int:
         "step": lambda: bench_step.main(common_args + budget("step")),
         "floor": lambda: floor.main(common_args),
         "layer_ops": lambda: bench_layer_ops.main(common_args + budget("layer_ops")),
+        "tied": lambda: bench_tied.main(common_args),
     }
     failed = []
     t_all = time.perf_counter()

@@ -5,6 +5,8 @@ Models (bench/models.py):
     gpt     d=768, 12 layers, 12 heads, MLP 3072, vocab 50257, T=256, B=32 (embeddings and
             LayerNorms frozen; every trainable parameter is in an nn.Linear)
     gpt_all the same GPT with the embeddings and LayerNorms trained too
+    gpt_tied gpt_all with the head's weight tied to the token embedding (GPT-2's LM head; Opacus
+            refuses tied parameters, so its modes report that)
 
 Modes, all in one process, each on a freshly built model with the same initial weights:
     non_private    loss.backward(); optimizer.step()
@@ -63,11 +65,14 @@ WORKLOADS = {
     "stack_T1": ("stack", models.StackConfig(width=1024, depth=8, batch=256, seq=1)),
     "stack_T256": ("stack", models.StackConfig(width=1024, depth=8, batch=32, seq=256)),
     "gpt_all": ("gpt", models.GPTConfig(train_all=True)),  # last: the issue's workloads come first in a budget
+    "gpt_tied": ("gpt", models.GPTConfig(train_all=True, tied=True)),
 }
 SMOKE_WORKLOADS = {
     "gpt": ("gpt", models.GPTConfig(vocab=97, seq=8, d_model=32, n_layer=2, n_head=2, d_mlp=64, batch=4)),
     "gpt_all": ("gpt", models.GPTConfig(vocab=97, seq=8, d_model=32, n_layer=2, n_head=2, d_mlp=64, batch=4,
                                         train_all=True)),
+    "gpt_tied": ("gpt", models.GPTConfig(vocab=97, seq=8, d_model=32, n_layer=2, n_head=2, d_mlp=64, batch=4,
+                                         train_all=True, tied=True)),
     "stack_T1": ("stack", models.StackConfig(width=32, depth=3, batch=8, seq=1)),
     "stack_T256": ("stack", models.StackConfig(width=32, depth=3, batch=4, seq=6)),
 }

@@ -334,20 +334,21 @@ def md_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
-def result_dirs(device: torch.device, out_dir: Optional[str]) -> List[Path]:
-    """Where result files go: an explicit --out-dir; else bench/results/ (GPU only) or the smoke
-    folder in /tmp (CPU); plus $OUT when set (the device machine's return folder)."""
+def result_dirs(device: torch.device, out_dir: Optional[str], cpu_results: bool = False) -> List[Path]:
+    """Where result files go: an explicit --out-dir; else bench/results/ (GPU, or a CPU run a script
+    declares a CPU measurement with ``cpu_results``; its files are named -CPU-) or the smoke folder in
+    /tmp (CPU); plus $OUT when set (the device machine's return folder)."""
     dirs: List[Path] = []
     if out_dir:
         dirs.append(Path(out_dir))
-    elif device.type == "cuda":
+    elif device.type == "cuda" or cpu_results:
         dirs.append(RESULTS)
     else:
         dirs.append(SMOKE_DIR)
     if os.environ.get("OUT") and device.type == "cuda":
         dirs.append(Path(os.environ["OUT"]))
     for d in dirs:
-        if device.type != "cuda" and d.resolve() == RESULTS.resolve():
+        if device.type != "cuda" and not cpu_results and d.resolve() == RESULTS.resolve():
             raise SystemExit("refusing to write CPU timings into bench/results/ (they are not results)")
         d.mkdir(parents=True, exist_ok=True)
     seen, unique = set(), []
@@ -359,13 +360,13 @@ def result_dirs(device: torch.device, out_dir: Optional[str]) -> List[Path]:
 
 
 def write_results(name: str, device: torch.device, env: Dict[str, Any], payload: Dict[str, Any],
-                  markdown: str, out_dir: Optional[str] = None) -> List[Path]:
+                  markdown: str, out_dir: Optional[str] = None, cpu_results: bool = False) -> List[Path]:
     """Write ``<name>-<DEVICE>-<date>.md`` / ``.json`` (environment first) into every result folder."""
     stem = f"{name}-{env.get('device_tag', device_tag(device))}-{today()}"
     doc = {"environment": env, **payload}
     md = f"# {name} — {env.get('device')} — {env.get('date')}\n\n## Environment\n\n{env_markdown(env)}\n\n{markdown}\n"
     written = []
-    for d in result_dirs(device, out_dir):
+    for d in result_dirs(device, out_dir, cpu_results):
         (d / f"{stem}.json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
         (d / f"{stem}.md").write_text(md)
         written += [d / f"{stem}.md", d / f"{stem}.json"]

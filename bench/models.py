@@ -64,9 +64,12 @@ class GPTConfig:
     d_mlp: int = 3072
     batch: int = 32
     train_all: bool = False  # False: embeddings and LayerNorms frozen (the issue's benchmark)
+    tied: bool = False  # the head's weight is the token embedding (GPT-2's LM head); needs train_all
 
     def describe(self) -> str:
         frozen = "all parameters trained" if self.train_all else "embeddings and LayerNorms frozen"
+        if self.tied:
+            frozen += ", head tied to the token embedding"
         return (
             f"GPT d={self.d_model}, {self.n_layer} layers, {self.n_head} heads, MLP {self.d_mlp}, "
             f"vocab {self.vocab}, T={self.seq}, B={self.batch}, {frozen}"
@@ -110,7 +113,8 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """A GPT-2-shaped decoder with an untied head; embeddings and LayerNorms frozen unless ``cfg.train_all``."""
+    """A GPT-2-shaped decoder, its head untied unless ``cfg.tied``; embeddings and LayerNorms frozen unless
+    ``cfg.train_all``."""
 
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
@@ -121,6 +125,10 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.vocab, bias=False)
         self.apply(self._init)
+        if cfg.tied:
+            if not cfg.train_all:
+                raise ValueError("a tied head needs train_all=True (its weight is the trained token embedding)")
+            self.head.weight = self.tok_emb.weight
         if not cfg.train_all:
             for m in self.modules():
                 if isinstance(m, (nn.Embedding, nn.LayerNorm)):

@@ -24,6 +24,7 @@ from dpkernels.ops import embedding_grads as emb  # noqa: E402
 from dpkernels.ops import linear_clipped_grad as lcg  # noqa: E402
 from dpkernels.ops import linear_sq_norms as lsn  # noqa: E402
 from dpkernels.ops import norm_affine_grads as nag  # noqa: E402
+from dpkernels.ops import tied_cross as tc  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 64)
 FLOAT_ARGS = {"noise_std"}
@@ -83,6 +84,9 @@ def main() -> int:
             ("embedding_ghost " + dt, emb._ghost_kernel,
              {"tok_ptr": "*i32" if dt == "fp16" else "*i64", "g_ptr": f"*{dt}", "pairs_ptr": "*i32"},
              {**flags, "BLOCK_T": 64, "BLOCK_K": 64}, 8, 3),
+            ("tied_token_linear_cross " + dt, tc._token_linear_cross_kernel,
+             {"tok_ptr": "*i64", "ge_ptr": f"*{dt}", "x_ptr": f"*{dt}", "gh_ptr": f"*{dt}"},
+             {**flags, "BLOCK_S": 32, "BLOCK_T": 32, "BLOCK_K": 32}, 4, 2),
         ]
         if dt == "fp32":
             jobs.append(("philox_normal", kt._philox_normal_kernel, {"out": "*fp32"}, {"BLOCK": 1024}, 4, 1))

@@ -1,9 +1,10 @@
 """Tiny random-init configs of real model classes (no downloads), with a batch and a loss each.
 
 Each ``CASES`` entry builds (model, batch, loss_fn) for ``dpkernels.verify``: the model as its
-library builds it (Hugging Face transformers, timm, peft, torch), with only what the issue says
-to freeze frozen (bare parameters and tied embeddings wait for their own issue). Batches have no
-padding, so a token-mean loss is a mean over examples. Imports happen inside the builders: a
+library builds it (Hugging Face transformers, timm, peft, torch). The ``*_tied`` and ``*_all``
+cases train every parameter, tied embeddings and bare parameters included; the others keep the
+original issue's frozen ones (T5's ``shared``, ViT's bare tokens) so both paths stay covered.
+Batches have no padding, so a token-mean loss is a mean over examples. Imports happen inside the builders: a
 missing library skips only its cases.
 """
 from __future__ import annotations

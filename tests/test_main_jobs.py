@@ -48,7 +48,7 @@ def test_benchmark_smoke_runs_every_script(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     names = {p.name.split("-")[0] for p in tmp_path.glob("*.json")}
-    assert {"linear_ops", "step", "floor", "layer_ops"} <= names
+    assert {"linear_ops", "step", "floor", "layer_ops", "tied"} <= names
     layer_ops = json.loads(next(tmp_path.glob("layer_ops-*.json")).read_text())
     for res in layer_ops["results"]:
         assert not res.get("skipped") and all(r["status"] == "ok" for r in res["rows"]), res

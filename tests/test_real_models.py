@@ -4,8 +4,9 @@ Tiny random-init configs (no downloads, ``tests/real_models.py``) of Hugging Fac
 timm, peft and torch's own TransformerEncoder. For each, ``dpkernels.verify`` compares the
 noise-free private step with a float64 per-example loop: every trainable parameter within 1e-5
 relative error in float32, with the clip norm at the median per-example norm so that at least
-half of the examples are clipped. What stays frozen is only what the next issue covers (tied
-embeddings, bare parameters); ``test_guard.py`` has the cases the guard must refuse.
+half of the examples are clipped. The tied and all-trainable cases train every parameter;
+``test_guard.py`` has the cases the guard must refuse, ``test_tied.py`` and ``test_fallback.py``
+the ties and the fallback on their own.
 """
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ import dpkernels
 import real_models
 from timm_import import import_timm
 
-LIBRARY = {"timm_vit": "timm", "timm_resnet": "timm", "lora_gpt2": "peft", "lora_llama": "peft",
-           "torch_encoder": None}
+LIBRARY = {"timm_vit": "timm", "timm_vit_all": "timm", "timm_resnet": "timm", "lora_gpt2": "peft",
+           "lora_llama": "peft", "torch_encoder": None}
 
 
 @pytest.mark.parametrize("name", list(real_models.CASES))
