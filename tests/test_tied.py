@@ -19,29 +19,20 @@ import torch.nn.functional as F
 import dpkernels
 from dpkernels import functional
 from dpkernels.engine import ties
+import oracle
 from helpers import philox_noise
 
 # ------------------------------------------------------------------ the oracle -------------
 
 
 def _embedding_grads(tokens, g, V, padding_idx):
-    """(B, V, p) float64 per-example gradients of a lookup."""
-    B, p = tokens.shape[0], g.shape[-1]
-    tok = tokens.reshape(B, -1).long().cpu()
-    rows = g.reshape(B, -1, p).double().cpu()
-    out = torch.zeros(B, V, p, dtype=torch.float64)
-    for i in range(B):
-        for t in range(tok.shape[1]):
-            if padding_idx is None or tok[i, t] != padding_idx % V:
-                out[i, tok[i, t]] += rows[i, t]
-    return out
+    """(B, V, p) float64 per-example gradients of a lookup (torch.func)."""
+    return oracle.embedding_per_example_grads(tokens, g, V, padding_idx).cpu()
 
 
 def _linear_grads(x, g):
-    """(B, rows, cols) float64 per-example gradients Σ_s G_sᵀ x_s."""
-    B = x.shape[0]
-    return torch.einsum("bsr,bsc->brc", g.reshape(B, -1, g.shape[-1]).double().cpu(),
-                        x.reshape(B, -1, x.shape[-1]).double().cpu())
+    """(B, rows, cols) float64 per-example gradients Σ_s G_sᵀ x_s (torch.func)."""
+    return oracle.linear_per_example_grads(x, g, bias=False)[0].cpu()
 
 
 def _dot(a, b):

@@ -9,14 +9,12 @@ of a batch, and ``make_private`` refuses it.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, ContextManager, Dict, Optional, Tuple
+from typing import Any, ContextManager, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-from .. import functional
 from ..autograd.norm import DPGroupNormFunction, DPLayerNormFunction, DPRMSNormFunction
-from ..ops.philox import PhiloxKey
 from .linear import _autocast_enabled
 from .module import DenseGradients
 from .registry import register_dp_layer
