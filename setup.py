@@ -46,7 +46,9 @@ setup(
     python_requires=">=3.9",
     # torch is required but not pinned here: install the torch build you want first
     # (a range that the installed torch satisfies makes pip install nothing more).
-    install_requires=["torch>=2.4", "numpy>=1.22", "scipy>=1.8"],
+    # ninja: torch's extension tooling builds the CPU noise kernel (csrc/philox_cpu.cpp) with it at
+    # first use; without it (or a C++ compiler) the torch reference draws the same noise, slower
+    install_requires=["torch>=2.4", "numpy>=1.22", "scipy>=1.8", "ninja"],
     # Real-model tests and the GPT-2 demo use Hugging Face transformers (5.18.0: newer 5.x releases
     # need a `kernels` release PyPI does not have yet) and peft. timm is NOT listed: it requires
     # torchvision, and PyPI has none for a CPU build of torch (its wheels are CUDA builds whose

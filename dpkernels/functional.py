@@ -44,11 +44,14 @@ Generator = Union[PhiloxKey, torch.Generator, None]
 # ------------------------------------------------------------------ backend choice --------
 
 
-def backends(load_cuda: bool = True) -> dict:
+def backends(load_cuda: bool = True, load_cpu: bool = True) -> dict:
     """Which backends can run here, and why not where they cannot.
 
     ``load_cuda=False`` does not load the CUDA extension if nothing has yet (on a GPU machine
     without a prebuilt one, loading JIT-compiles csrc/, about a minute): its entry then says so.
+    ``cpu_noise`` is the compiled CPU noise kernel the torch backend draws its noise with on CPU
+    tensors (``dpkernels._cpu``; JIT-compiled at first use, ``load_cpu=False`` does not compile it);
+    without it the torch reference draws the same noise, slower.
     """
     triton_ok = HAS_TRITON and (torch.cuda.is_available() or interpret_mode())
     if not HAS_TRITON:
@@ -61,10 +64,17 @@ def backends(load_cuda: bool = True) -> dict:
         cuda = {"available": None, "reason": "not loaded yet (backends(load_cuda=True) loads or JIT-compiles it)"}
     else:
         cuda = {"available": _cuda.available(), "reason": _cuda.why_unavailable()}
+    from . import _cpu
+
+    if not load_cpu and not _cpu._attempted:
+        cpu = {"available": None, "reason": "not compiled yet (backends(load_cpu=True) or the first CPU noise does it)"}
+    else:
+        cpu = {"available": _cpu.available(), "reason": _cpu.why_unavailable()}
     return {
         "torch": {"available": True, "reason": None},
         "triton": {"available": triton_ok, "reason": triton_why},
         "cuda": cuda,
+        "cpu_noise": cpu,
     }
 
 
@@ -271,7 +281,7 @@ def gaussian_noise(
     data this step (an unused layer, an empty Poisson batch) gets exactly its noise term.
     """
     from .ops._triton import philox_normal_triton
-    from .ops.philox import philox_normal
+    from .ops.philox import normal
 
     std = _check_noise_std(std)
     key = resolve_key(generator)
@@ -282,7 +292,7 @@ def gaussian_noise(
     if std == 0.0 or numel == 0:
         return torch.zeros(shape, device=device, dtype=dtype)
     impl = select_backend(device, backend)
-    z = philox_normal_triton(numel, key, device) if impl == "triton" else philox_normal(numel, key, device)
+    z = philox_normal_triton(numel, key, device) if impl == "triton" else normal(numel, key, device)
     return (z * std).to(dtype).reshape(shape)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from ._triton import HAS_TRITON, tl, triton
-from .philox import PhiloxKey, philox_normal
+from .philox import PhiloxKey, add_normal_
 
 
 def clip_sum_noise_reference(
@@ -23,7 +23,7 @@ def clip_sum_noise_reference(
     """torch reference: per_example (B, n) → (n,) in per_example's dtype."""
     acc = clip_factors.float() @ per_example.float()
     if noise_std != 0.0:
-        acc = acc + noise_std * philox_normal(acc.numel(), key, acc.device)
+        add_normal_(acc, noise_std, key)
     return acc.to(per_example.dtype)
 
 

@@ -61,7 +61,7 @@ import torch
 
 from ._triton import HAS_TRITON, configs, dot_flags, tl, triton, use_autotune
 from .linear_sq_norms import _upper_triangle_pairs, ghost_block_t
-from .philox import PhiloxKey, philox_normal
+from .philox import PhiloxKey, add_normal_
 
 # Elements per call of aten.embedding_dense_backward: its CUDA kernels index rows × (features
 # rounded up to a warp) with 32-bit ints.
@@ -178,7 +178,7 @@ def embedding_clipped_grad_reference(
     """torch reference (tokens (B, T), g (B, T, p)) → (V, p) in out_dtype (default g's)."""
     acc = _clipped_row_sum(tokens, g, clip_factors, num_embeddings, padding_idx)
     if noise_std != 0.0:
-        acc = acc + noise_std * philox_normal(acc.numel(), key, acc.device).view(acc.shape)
+        add_normal_(acc, noise_std, key)
     return acc.to(out_dtype or g.dtype)
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from ._triton import HAS_TRITON, dot_flags, gemm_tile_configs, tl, triton, use_autotune
-from .philox import PhiloxKey, philox_normal
+from .philox import PhiloxKey, add_normal_
 
 
 def linear_clipped_grad_reference(
@@ -33,7 +33,7 @@ def linear_clipped_grad_reference(
     scaled = g.float() * clip_factors.float().view(B, 1, 1)
     acc = scaled.reshape(B * T, p).t() @ x.float().reshape(B * T, d)
     if noise_std != 0.0:
-        acc = acc + noise_std * philox_normal(p * d, key, acc.device).view(p, d)
+        add_normal_(acc, noise_std, key)
     return acc.to(out_dtype or x.dtype)
 
 

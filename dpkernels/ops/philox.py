@@ -46,6 +46,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ._phases import phase
+
 PHILOX_M0 = 0xD2511F53
 PHILOX_M1 = 0xCD9E8D57
 PHILOX_W0 = 0x9E3779B9
@@ -140,12 +142,48 @@ def _box_muller(x_hi: torch.Tensor, x_lo: torch.Tensor, x_angle: torch.Tensor) -
 
 def philox_normal(numel: int, key: PhiloxKey, device: torch.device | str = "cpu") -> torch.Tensor:
     """float32 standard normals for elements 0..numel-1 of the counter block ``key`` (reference)."""
+    with phase("dpkernels.noise"):
+        return _philox_normal(numel, key, device)
+
+
+def _philox_normal(numel: int, key: PhiloxKey, device: torch.device | str) -> torch.Tensor:
     pair = torch.arange((numel + 1) // 2, dtype=torch.int64, device=device)
     c2 = torch.full_like(pair, key.step)
     c3 = torch.full_like(pair, key.stream)
     x0, x1, x2, _ = philox4x32_10(pair & MASK32, (pair >> 32) & MASK32, c2, c3, key.seed_lo, key.seed_hi)
     z0, z1 = _box_muller(x0, x1, x2)
     return torch.stack([z0, z1], dim=1).reshape(-1)[:numel]
+
+
+def _cpu_kernel() -> bool:
+    """Whether the compiled CPU kernel (csrc/philox_cpu.cpp, ``dpkernels._cpu``) draws CPU noise here."""
+    from .. import _cpu
+
+    return _cpu.available()
+
+
+def normal(numel: int, key: PhiloxKey, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``philox_normal``'s draws as fast as this machine has them: the compiled CPU kernel for CPU
+    tensors where it is available (integers bit for bit, normals within a float32 ulp or two of the
+    reference, and bit for bit those of the CUDA kernels), the reference otherwise."""
+    device = torch.device(device)
+    if device.type == "cpu" and numel > 0 and _cpu_kernel():
+        from .. import _cpu
+
+        with phase("dpkernels.noise"):
+            return _cpu.philox_normal(numel, key)
+    return philox_normal(numel, key, device)
+
+
+def add_normal_(out: torch.Tensor, std: float, key: PhiloxKey) -> torch.Tensor:
+    """out += std·z over out's flat elements, z = ``normal(out.numel(), key)``: in place (out a
+    contiguous float32 tensor). The product, then the sum, each rounded, as ``out + std * z``."""
+    if out.device.type == "cpu" and out.is_contiguous() and out.dtype == torch.float32 and _cpu_kernel():
+        from .. import _cpu
+
+        with phase("dpkernels.noise"):
+            return _cpu.add_normal_(out, std, key)
+    return out.add_(std * philox_normal(out.numel(), key, out.device).view(out.shape))
 
 
 def truncation_delta(noise_multiplier: float) -> float:
