@@ -154,6 +154,24 @@ class GPT(nn.Module):
         return self.head(self.ln_f(x))
 
 
+# ------------------------------------------------------------------ the demo's models -----
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """The README demo's MLP 64-256-256-10 or CNN (two Conv2d + GroupNorm, a Linear) on 8×8 inputs."""
+
+    model: str = "mlp"
+    batch: int = 128
+    classes: int = 10
+    seq: int = 1
+
+    def describe(self) -> str:
+        from dpkernels.demo import MODELS
+
+        return f"demo {MODELS[self.model]}, B={self.batch}"
+
+
 # ------------------------------------------------------------------ shared helpers --------
 
 
@@ -166,6 +184,10 @@ def lm_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def build(kind: str, cfg, *, seed: int, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """The same initial weights for a given seed, on ``device`` in ``dtype``."""
     torch.manual_seed(seed)
+    if kind == "demo":
+        from dpkernels.demo import make_model
+
+        return make_model(seed, cfg.model).to(device=device, dtype=dtype)
     with torch.device(device):  # initialise on the device: fast, and the same for every mode
         model = LinearStack(cfg) if kind == "stack" else GPT(cfg)
     return model.to(dtype=dtype)
@@ -174,6 +196,9 @@ def build(kind: str, cfg, *, seed: int, device: torch.device, dtype: torch.dtype
 def make_batch(kind: str, cfg, *, seed: int, device: torch.device, dtype: torch.dtype):
     """Random (never zero) inputs and random targets for one step."""
     g = torch.Generator(device="cpu").manual_seed(seed)
+    if kind == "demo":  # digits-like pixels in [0, 1]
+        x = torch.rand(cfg.batch, 64, generator=g).to(device=device, dtype=dtype)
+        return x, torch.randint(0, cfg.classes, (cfg.batch,), generator=g).to(device)
     if kind == "stack":
         shape = (cfg.batch, cfg.width) if cfg.seq == 1 else (cfg.batch, cfg.seq, cfg.width)
         x = torch.randn(shape, generator=g).to(device=device, dtype=dtype)
@@ -208,6 +233,6 @@ def config_dict(cfg) -> dict:
 
 
 __all__ = [
-    "StackConfig", "LinearStack", "GPTConfig", "GPT", "lm_loss", "build", "make_batch",
+    "StackConfig", "LinearStack", "GPTConfig", "GPT", "DemoConfig", "lm_loss", "build", "make_batch",
     "linear_layers", "attention_flops", "config_dict",
 ]

@@ -13,6 +13,7 @@ from typing import Any, Callable, Dict, Optional
 import torch
 import torch.nn as nn
 
+from ..ops._phases import phase
 from .guard import ExampleGuard
 
 
@@ -36,7 +37,8 @@ class ModuleCollector:
     def record(self, payload: Any, *norm_inputs: torch.Tensor) -> None:
         if self.step.guard.mode == "probe":  # the guard's probe runs backward to check gradient flow only
             return
-        sq_norms = self.module.dp_sq_norms(*norm_inputs, method=self.step.norm_method, backend=self.step.backend)
+        with phase("dpkernels.norms"):
+            sq_norms = self.module.dp_sq_norms(*norm_inputs, method=self.step.norm_method, backend=self.step.backend)
         record = LayerRecord(self.module, payload, sq_norms)
         self.step.add(self.name, record)
         if self.step.sink is not None:  # per-layer clipping: clipped now, the payload freed

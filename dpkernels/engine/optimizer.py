@@ -36,6 +36,7 @@ import torch
 import torch.nn as nn
 
 from .. import functional
+from ..ops._phases import phase
 from ..ops.philox import PhiloxKey
 from .clipping import ClippingPlan, make_plan
 from .collector import LayerRecord, StepCollector
@@ -305,9 +306,14 @@ class DPOptimizer(torch.optim.Optimizer):
             )
         self._check_finite()
         pending = {n: r for n, r in self.collector.records.items() if r.payload is not None}
-        factors = self._clip_factors(pending) if pending else {}
+        with phase("dpkernels.clip_factors"):
+            factors = self._clip_factors(pending) if pending else {}
         if not pending:
             self._check_batch_size()
+        with phase("dpkernels.clipped_sums"):
+            self._write_sums(pending, factors)
+
+    def _write_sums(self, pending: Dict[str, LayerRecord], factors: Dict[int, torch.Tensor]) -> None:
         sums: Dict[int, torch.Tensor] = {}  # id(param) -> its clipped sum so far
         noised = set()  # the parameters whose noise is already in sums
         for _, module in self.dp_modules:
