@@ -1,4 +1,4 @@
-// CPU kernels of dpkernels: the Philox-4x32-10 Gaussian noise of dpkernels/ops/philox.py, compiled.
+// CPU kernel of dpkernels: the Philox-4x32-10 Gaussian noise of dpkernels/ops/philox.py, compiled.
 //
 // The counter scheme and every floating-point step are those of csrc/philox.cuh (included here:
 // one definition for the CUDA kernels, their host checks and this file):
@@ -34,6 +34,8 @@
 // a sum). DPK_HAVE_LIBMVEC (set by _cpu.py on x86-64 glibc) enables the vector paths.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
+
+#include "cpu_kernels.h"
 
 #include <cmath>
 #include <cstdint>
@@ -266,6 +268,10 @@ void for_each_normal(const dpk::PhiloxKey& key, int64_t offset, int64_t n, Fn fn
   });
 }
 
+}  // namespace
+
+namespace dpk_cpu {
+
 torch::Tensor philox_normal(int64_t numel, int64_t seed_lo, int64_t seed_hi, int64_t step, int64_t stream,
                             int64_t offset) {
   TORCH_CHECK(numel >= 0 && offset >= 0, "philox_normal: numel and offset must be >= 0");
@@ -313,12 +319,4 @@ std::string set_isa(const std::string& name) {
   return g_path.name;
 }
 
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("philox_normal", &philox_normal, "float32 normals of elements offset .. offset+numel-1 of a counter block");
-  m.def("add_normal_", &add_normal_, "out += std * z in place (contiguous float32 CPU tensor)");
-  m.def("philox4x32", &philox4x32, "the raw Philox-4x32-10 words of counters offset .. offset+numel-1");
-  m.def("isa", &isa, "the path drawing the normals: avx512, avx2 or scalar");
-  m.def("set_isa", &set_isa, "use a path (one the CPU runs); returns the path now in use");
-}
+}  // namespace dpk_cpu

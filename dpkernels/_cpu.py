@@ -1,18 +1,26 @@
-"""Loader of the compiled CPU noise kernel (``csrc/philox_cpu.cpp``).
+"""Loader of dpkernels' compiled CPU kernels (``csrc/cpu_kernels.h``).
 
-The torch reference of the Philox noise (``dpkernels/ops/philox.py``) is ~120 int64 tensor
-operations per parameter tensor; on a CPU that is most of a small model's private step. The same
-draws, compiled, are one call. The kernel is JIT-compiled with torch's extension tooling
-(``torch.utils.cpp_extension.load``: the machine's C++ compiler and ninja) the first time noise
-is drawn on a CPU, once per machine (cached by torch under ``$TORCH_EXTENSIONS_DIR`` or
-``~/.cache/torch_extensions``), and used from then on. Without a compiler, or with
-``DPKERNELS_DISABLE_CPU_KERNEL=1``, the reference runs instead, the same noise to a float32 ulp;
-``dpkernels.backends()`` says which and why. ``DPKERNELS_VERBOSE_BUILD=1`` shows the compiler.
+Two torch reference paths are slow on a CPU for what they do: the Philox noise
+(``dpkernels/ops/philox.py``, ~120 int64 tensor operations per parameter tensor: most of a small
+model's private step) and the convolution patch matrices (``dpkernels/ops/conv_patches.py``, a
+7-d strided copy). The same results, compiled, are one call each:
+
+    csrc/philox_cpu.cpp   the noise, AVX-512 / AVX2 / scalar, the CUDA header's normals
+    csrc/patches_cpu.cpp  the (g, B, L, d) patch matrices, exactly input_patches' values
+    csrc/cpu_bindings.cpp the module
+
+They are JIT-compiled with torch's extension tooling (``torch.utils.cpp_extension.load``: the
+machine's C++ compiler and ninja) the first time the torch backend needs one on a CPU, once per
+machine (cached by torch under ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``), and
+used from then on. Without a compiler, or with ``DPKERNELS_DISABLE_CPU_KERNEL=1``, the
+references run instead (the same noise to a float32 ulp, the same patches exactly);
+``dpkernels.backends()["cpu"]`` says which and why. ``DPKERNELS_VERBOSE_BUILD=1`` shows the
+compiler.
 
 API: ``available() -> bool``, ``why_unavailable() -> str | None``, ``load() -> module`` (raises
 RuntimeError with the reason), and the kernels ``philox_normal(numel, key, offset=0)``,
-``add_normal_(out, std, key)``, ``philox4x32(numel, key, offset=0)``, and ``isa()``, the
-vector path in use (avx512, avx2 or scalar: see csrc/philox_cpu.cpp).
+``add_normal_(out, std, key)``, ``philox4x32(numel, key, offset=0)``, ``conv_patches(...)``,
+and ``isa()``, the vector path of the noise in use (avx512, avx2 or scalar).
 """
 from __future__ import annotations
 
@@ -30,6 +38,7 @@ import torch
 from .ops.philox import PhiloxKey
 
 _JIT_NAME = "dpkernels_cpu"
+SOURCES = ("philox_cpu.cpp", "patches_cpu.cpp", "cpu_bindings.cpp")
 _lock = threading.Lock()
 _attempted = False
 _module: Optional[ModuleType] = None
@@ -43,15 +52,16 @@ def csrc_dir() -> Path:
 def _build() -> ModuleType:
     if os.environ.get("DPKERNELS_DISABLE_CPU_KERNEL") == "1":
         raise RuntimeError("disabled by DPKERNELS_DISABLE_CPU_KERNEL=1")
-    src = csrc_dir() / "philox_cpu.cpp"
-    if not src.is_file():
-        raise RuntimeError(f"{src} not found (an installed wheel without csrc/)")
+    sources = [csrc_dir() / name for name in SOURCES]
+    missing = [str(src) for src in sources if not src.is_file()]
+    if missing:
+        raise RuntimeError(f"{', '.join(missing)} not found (an installed wheel without csrc/)")
     from torch.utils import cpp_extension
 
     verbose = os.environ.get("DPKERNELS_VERBOSE_BUILD") == "1"
     build_dir = Path(cpp_extension._get_build_directory(_JIT_NAME, verbose))
     if not any(build_dir.glob(f"{_JIT_NAME}*.so")):
-        print("dpkernels: compiling the CPU noise kernel (csrc/philox_cpu.cpp), once per machine...",
+        print("dpkernels: compiling the CPU kernels (csrc/*_cpu.cpp), once per machine...",
               file=sys.stderr, flush=True)
     cflags, ldflags = ["-O3", "-ffp-contract=off", "-Wno-psabi"], []
     if _openmp_backend():  # at::parallel_for is inline OpenMP: without -fopenmp it runs on one thread
@@ -61,7 +71,7 @@ def _build() -> ModuleType:
         cflags.append("-DDPK_HAVE_LIBMVEC")
         ldflags.append("-lmvec")
     return cpp_extension.load(
-        name=_JIT_NAME, sources=[str(src)], extra_include_paths=[str(csrc_dir())],
+        name=_JIT_NAME, sources=[str(src) for src in sources], extra_include_paths=[str(csrc_dir())],
         extra_cflags=cflags, extra_ldflags=ldflags, verbose=verbose,
     )
 
@@ -84,10 +94,10 @@ def load() -> ModuleType:
             _attempted = True
             try:
                 _module = _build()
-            except Exception as e:  # no compiler, no ninja, a failed build: the reference runs instead
+            except Exception as e:  # no compiler, no ninja, a failed build: the references run instead
                 _reason = f"{type(e).__name__}: {str(e).strip()[:2000]}"
     if _module is None:
-        raise RuntimeError(f"the CPU noise kernel is unavailable: {_reason}")
+        raise RuntimeError(f"the compiled CPU kernels are unavailable: {_reason}")
     return _module
 
 
@@ -124,3 +134,10 @@ def set_isa(name: str) -> str:
 
 def philox4x32(numel: int, key: PhiloxKey, offset: int = 0) -> torch.Tensor:
     return load().philox4x32(int(numel), key.seed_lo, key.seed_hi, key.step, key.stream, int(offset))
+
+
+def conv_patches(x: torch.Tensor, groups: int, kernel: tuple, stride: tuple, pad_top_left: tuple, dilation: tuple,
+                 out_size: tuple) -> torch.Tensor:
+    """(g, B, L, d) patches of x (B, C, H, W) with zero padding (see csrc/patches_cpu.cpp)."""
+    return load().conv_patches(x, int(groups), *map(int, kernel), *map(int, stride), *map(int, pad_top_left),
+                               *map(int, dilation), *map(int, out_size))

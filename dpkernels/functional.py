@@ -49,9 +49,9 @@ def backends(load_cuda: bool = True, load_cpu: bool = True) -> dict:
 
     ``load_cuda=False`` does not load the CUDA extension if nothing has yet (on a GPU machine
     without a prebuilt one, loading JIT-compiles csrc/, about a minute): its entry then says so.
-    ``cpu_noise`` is the compiled CPU noise kernel the torch backend draws its noise with on CPU
-    tensors (``dpkernels._cpu``; JIT-compiled at first use, ``load_cpu=False`` does not compile it);
-    without it the torch reference draws the same noise, slower.
+    ``cpu`` is the compiled CPU kernels the torch backend uses on CPU tensors (the Philox noise
+    and the convolution patches, ``dpkernels._cpu``; JIT-compiled at first use, ``load_cpu=False``
+    does not compile them); without them the torch reference computes the same, slower.
     """
     triton_ok = HAS_TRITON and (torch.cuda.is_available() or interpret_mode())
     if not HAS_TRITON:
@@ -74,7 +74,7 @@ def backends(load_cuda: bool = True, load_cpu: bool = True) -> dict:
         "torch": {"available": True, "reason": None},
         "triton": {"available": triton_ok, "reason": triton_why},
         "cuda": cuda,
-        "cpu_noise": cpu,
+        "cpu": cpu,
     }
 
 

@@ -183,7 +183,7 @@ def test_make_private_backend_errors_surface_in_backward():
 
 def test_backends_report():
     report = functional.backends()
-    assert set(report) == {"torch", "triton", "cuda"}
+    assert set(report) == {"torch", "triton", "cuda", "cpu"}
     assert report["torch"] == {"available": True, "reason": None}
     for v in report.values():
         assert v["available"] or isinstance(v["reason"], str)

@@ -44,6 +44,7 @@ Future work (DESIGN.md): the ghost method with implicit patches too.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -90,7 +91,16 @@ class ConvGeometry:
         groups: int = 1,
         padding_mode: str = "zeros",
     ) -> "ConvGeometry":
-        """Check and normalise the arguments of F.conv1d / F.conv2d (and nn.ConvNd's padding_mode)."""
+        """Check and normalise the arguments of F.conv1d / F.conv2d (and nn.ConvNd's padding_mode).
+
+        Cached by argument (a layer asks for its geometry several times a step)."""
+        args = (weight_shape, stride, padding, dilation, groups, padding_mode)
+        if all(_plain(a) for a in args):  # not bools or floats, which would hash equal to ints
+            return _geometry_cached(cls, *(tuple(a) if isinstance(a, (list, tuple)) else a for a in args))
+        return cls._from_args(*args)
+
+    @classmethod
+    def _from_args(cls, weight_shape, stride, padding, dilation, groups, padding_mode) -> "ConvGeometry":
         shape = tuple(weight_shape) if isinstance(weight_shape, (tuple, list, torch.Size)) else None
         if shape is None or len(shape) not in (3, 4) or not all(
             isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape
@@ -163,6 +173,18 @@ class ConvGeometry:
         return (self._fpad(extra) if any(e for _, e in extra) else None), conv
 
 
+def _plain(arg) -> bool:
+    """An int, a str, or a tuple/list/torch.Size of ints: an argument the geometry cache may key on."""
+    if type(arg) in (int, str):
+        return True
+    return isinstance(arg, (tuple, list)) and all(type(v) is int for v in arg)
+
+
+@functools.lru_cache(maxsize=1024)
+def _geometry_cached(cls, weight_shape, stride, padding, dilation, groups, padding_mode) -> ConvGeometry:
+    return cls._from_args(weight_shape, stride, padding, dilation, groups, padding_mode)
+
+
 def pad_input(x: torch.Tensor, geometry: ConvGeometry) -> torch.Tensor:
     """x (B, C, *spatial) padded on every side by ``geometry.pads`` with its padding mode."""
     if not any(geometry.pads):
@@ -206,8 +228,37 @@ def input_patches(x: torch.Tensor, geometry: ConvGeometry) -> torch.Tensor:
     x: (B, C_in, L_in) for a 1-d, (B, C_in, H, W) for a 2-d convolution, any strides.
     ``U[j, i, l]`` holds the d = C_in/g·∏k input values group j's kernel reads at output
     position l (row-major over the output's spatial dims), ordered like a row of the weight
-    viewed as (C_out, d). One copy, from a strided window view of the padded input.
+    viewed as (C_out, d). On CPU tensors csrc/patches_cpu.cpp writes them (where the compiled CPU
+    kernels are available), elsewhere one copy from a strided window view of the padded input.
     """
+    if x.device.type == "cpu" and _compiled_patches():
+        return _compiled_input_patches(x, geometry)
+    return input_patches_reference(x, geometry)
+
+
+def _compiled_patches() -> bool:
+    from .. import _cpu
+
+    return _cpu.available()
+
+
+def _compiled_input_patches(x: torch.Tensor, geometry: ConvGeometry) -> torch.Tensor:
+    """``input_patches`` by csrc/patches_cpu.cpp: zero padding inside the kernel, other modes padded first."""
+    from .. import _cpu
+
+    out = geometry.output_size(x.shape[2:])
+    out = (1, *out) if geometry.spatial_dims == 1 else out
+    if geometry.padding_mode != "zeros":
+        x, pads = pad_input(x, geometry), (0, 0)
+    else:
+        pads = (geometry.pads[0], geometry.pads[2])  # top, left: bottom and right follow from the output size
+    if geometry.spatial_dims == 1:
+        x = x.unsqueeze(2)
+    return _cpu.conv_patches(x, geometry.groups, geometry.kernel, geometry.stride, pads, geometry.dilation, out)
+
+
+def input_patches_reference(x: torch.Tensor, geometry: ConvGeometry) -> torch.Tensor:
+    """``input_patches`` in torch ops (any device): one copy from a strided window view."""
     B = x.shape[0]
     xp = pad_input(x, geometry)
     if geometry.spatial_dims == 1:

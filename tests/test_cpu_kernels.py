@@ -1,8 +1,10 @@
-"""The compiled CPU noise kernel (csrc/philox_cpu.cpp) against the reference and the CUDA header.
+"""The compiled CPU kernels (csrc/*_cpu.cpp, ``dpkernels._cpu``) against the references.
 
-Integers bit for bit with ``dpkernels/ops/philox.py``; normals bit for bit with csrc/philox.cuh
-compiled for the host (the code the CUDA kernels run), and within a float32 ulp or two of the torch
-reference; independent of the thread count; and the reference where the kernel cannot be built.
+Noise (philox_cpu.cpp): integers bit for bit with ``dpkernels/ops/philox.py``; normals bit for bit
+with csrc/philox.cuh compiled for the host (the code the CUDA kernels run) on every vector path,
+and within a float32 ulp or two of the torch reference; independent of the thread count; the
+reference where the kernel cannot be built. Patches (patches_cpu.cpp): exactly the torch
+reference's patch matrices over 1-d/2-d geometries, padding modes, groups, dtypes and strides.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import pytest
 import torch
 
 from dpkernels import _cpu
-from dpkernels.ops import philox
+from dpkernels.ops import conv_patches, philox
 from dpkernels.ops.philox import MASK32, PhiloxKey, philox4x32_10, philox_normal
 
 from test_cuda_clip_sum_noise import host_philox  # noqa: F401  (the fixture: philox.cuh built for the host)
@@ -121,7 +123,7 @@ def test_the_reference_runs_where_the_kernel_cannot_be_built(monkeypatch):
     assert not _cpu.available() and "DPKERNELS_DISABLE_CPU_KERNEL" in _cpu.why_unavailable()
     import dpkernels
 
-    assert dpkernels.backends(load_cuda=False)["cpu_noise"]["available"] is False
+    assert dpkernels.backends(load_cuda=False)["cpu"]["available"] is False
     key = PhiloxKey(1, 2, 3)
     assert torch.equal(philox.normal(101, key), philox_normal(101, key))
 
@@ -136,3 +138,40 @@ def test_fused_torch_paths_draw_the_kernels_noise():
     clean = functional.clip_sum_noise(g, c, noise_std=0.0, generator=key, backend="torch")
     noisy = functional.clip_sum_noise(g, c, noise_std=0.8, generator=key, backend="torch")
     assert torch.equal(noisy, clean + 0.8 * philox.normal(50, key))
+
+
+# ------------------------------------------------------------------ patches ---------------
+
+GEOMETRIES = [  # (spatial dims, kernel, stride, padding, dilation, groups, padding mode)
+    (2, 3, 1, 1, 1, 1, "zeros"), (2, 3, 2, 1, 1, 1, "zeros"), (2, (2, 5), 1, "same", 1, 1, "zeros"), (2, (2, 5), (1, 3), (1, 2), 1, 1, "zeros"),
+    (2, 3, 1, "same", 2, 4, "zeros"), (2, 5, 2, 2, 2, 2, "reflect"), (2, 2, 1, "same", 3, 4, "circular"),
+    (2, 1, 1, 0, 1, 1, "zeros"), (2, 3, 3, "valid", 1, 8, "replicate"), (2, 4, 1, (0, 3), 1, 1, "zeros"),
+    (1, 3, 1, 1, 1, 1, "zeros"), (1, 4, 2, "valid", 2, 2, "zeros"), (1, 5, 1, "same", 1, 1, "reflect"),
+    (1, 2, 1, "same", 1, 8, "circular"),
+]
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+def test_conv_patches_are_the_reference_exactly(geometry, dtype, layout):
+    dims, k, stride, padding, dilation, groups, mode = geometry
+    C, B = 8, 3
+    kernel = (k,) if dims == 1 and isinstance(k, int) else ((k, k) if isinstance(k, int) else k)
+    geo = conv_patches.ConvGeometry.from_args((16, C // groups, *kernel), stride, padding, dilation, groups, mode)
+    x = torch.randn(B, C, *((13,) if dims == 1 else (11, 7)), generator=torch.Generator().manual_seed(0)).to(dtype)
+    if layout == "channels_last":
+        x = x.transpose(1, -1).contiguous().transpose(1, -1)
+    elif layout == "sliced":
+        x = torch.cat([x, x], dim=-1)[..., ::2]
+    got = conv_patches.input_patches(x, geo)
+    ref = conv_patches.input_patches_reference(x, geo)
+    assert got.shape == ref.shape and got.dtype == dtype and got.is_contiguous()
+    assert torch.equal(got, ref)
+
+
+def test_conv_patches_are_refused_with_bad_arguments():
+    with pytest.raises(RuntimeError, match="groups must divide"):
+        _cpu.load().conv_patches(torch.randn(2, 6, 5, 5), 4, 3, 3, 1, 1, 0, 0, 1, 1, 3, 3)
+    with pytest.raises(RuntimeError, match="must be a \\(B, C, H, W\\) CPU tensor"):
+        _cpu.load().conv_patches(torch.randn(2, 6, 5), 1, 3, 3, 1, 1, 0, 0, 1, 1, 3, 3)
