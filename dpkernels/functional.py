@@ -183,7 +183,7 @@ def linear_sq_norms(
     if x3.shape[1] == 1:
         method = "rowwise"  # T = 1: both ghost and direct reduce to ‖x_i‖²‖G_i‖²
     impl = select_backend(x3.device, backend)
-    if impl == "torch":
+    if impl == "torch":  # its own "auto": full Gram matrices (ops.linear_sq_norms.choose_method_torch)
         return _lsn.linear_sq_norms_reference(x3, g3, bias, method)
     return _lsn.linear_sq_norms_triton(x3, g3, bias, method)
 
@@ -674,19 +674,23 @@ def conv_sq_norms(
     same dtype (float32, bfloat16 or float16) and device. ``weight_shape`` (C_out, C_in/groups,
     *kernel) and the other arguments as for nn.Conv1d/nn.Conv2d (``padding`` "same"/"valid" or
     ints; ``padding_mode`` "zeros", "reflect", "replicate" or "circular"). ``bias`` adds the bias
-    gradient's norm; ``method`` as in ``linear_sq_norms`` with L output positions as T. On the
-    Triton backend the direct method indexes the patches inside the kernel
-    (``dpkernels.ops.conv_sq_norms``); the ghost method and the torch backend materialise them,
-    about ∏k times x (``dpkernels.ops.conv_patches``).
+    gradient's norm; ``method`` as in ``linear_sq_norms`` with L output positions as T. The
+    direct method builds no patches (``dpkernels.ops.conv_sq_norms``: the Triton kernel indexes
+    them, the torch backend convolves per example); the ghost method materialises them, about
+    ∏k times x (``dpkernels.ops.conv_patches``).
     """
     if method not in _lsn.METHODS:
         raise ValueError(f"method must be one of {_lsn.METHODS}, got {method!r}")
     geometry = _conv_geometry_and_check(x, grad_output, weight_shape, stride, padding, dilation, groups, padding_mode)
     L = math.prod(grad_output.shape[2:])
     p_g = geometry.out_channels // geometry.groups
-    resolved = _lsn.choose_method(L, geometry.patch_features, p_g) if method == "auto" else method
-    if resolved == "direct" and L > 1 and select_backend(x.device, backend) != "torch":
-        norms = _conv_norms.conv_weight_sq_norms_triton(x, grad_output, geometry)
+    impl = select_backend(x.device, backend)
+    if method == "auto" and L > 1:
+        choose = _lsn.choose_method_torch if impl == "torch" else _lsn.choose_method
+        method = choose(L, geometry.patch_features, p_g)
+    if method == "direct" and L > 1:  # no patches: the kernel indexes them, torch convolves per example
+        direct = _conv_norms.conv_weight_sq_norms_reference if impl == "torch" else _conv_norms.conv_weight_sq_norms_triton
+        norms = direct(x, grad_output, geometry)
         if bias:
             norms = norms + grad_output.sum(dim=tuple(range(2, grad_output.dim())), dtype=torch.float32).square().sum(1)
         return norms

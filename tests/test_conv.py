@@ -155,6 +155,20 @@ def test_sq_norms_float32_match_oracle(device, backend, name, method):
     _close(out, sq_norms_oracle(conv, x, g), 1e-5)
 
 
+@pytest.mark.parametrize("name", ["2d_groups2", "1d_reflect_groups_stride", "2d_depthwise"])
+def test_torch_direct_method_in_chunks_of_examples(monkeypatch, name):
+    """The torch backend's direct method convolves per example in chunks bounded by
+    PER_EXAMPLE_BUDGET: one example per chunk gives the same norms as one chunk."""
+    from dpkernels.ops import conv_sq_norms as conv_norms
+
+    conv, x, g = make_case(name)
+    whole = functional.conv_sq_norms(x, g, conv.weight.shape, method="direct", backend="torch", **conv_args(conv))
+    monkeypatch.setattr(conv_norms, "PER_EXAMPLE_BUDGET", 1)
+    chunked = functional.conv_sq_norms(x, g, conv.weight.shape, method="direct", backend="torch", **conv_args(conv))
+    _close(chunked, whole, 1e-6)
+    _close(chunked, sq_norms_oracle(conv, x, g), 1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("name", HALF_CASES)
 def test_sq_norms_half_precision(device, backend, name, dtype):

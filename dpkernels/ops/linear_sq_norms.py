@@ -27,6 +27,11 @@ rowwise T = 1: G_iᵀ x_i is an outer product, so n_i = ‖x_i‖²·‖G_i‖²
 otherwise. κ = ``GHOST_EFFICIENCY`` is the measured speed of the ghost kernel relative to the
 direct one per multiply-add; 1.0 until measured otherwise on a GPU.
 
+The torch backend (``linear_sq_norms_reference``) runs the same math as plain batched matmuls:
+ghost forms both T×T Gram matrices in full (B·T²·(d + p) multiply-adds, no symmetry) and direct
+the (p, d) per-example gradients (B·T·d·p), so its ``auto`` (``choose_method_torch``) takes ghost
+when T(d + p) < d·p.
+
 All accumulation is float32 whatever the input dtype (float32, bfloat16, float16); float32
 inputs use IEEE products (no TF32), so norms are exact to float32 rounding.
 """
@@ -64,6 +69,13 @@ def choose_method(T: int, d: int, p: int) -> str:
     return "ghost" if ghost_macs(T, d, p) < GHOST_EFFICIENCY * direct_macs(T, d, p) else "direct"
 
 
+def choose_method_torch(T: int, d: int, p: int) -> str:
+    """The method ``auto`` uses on the torch backend (full Gram matrices, see the module docstring)."""
+    if T == 1:
+        return "rowwise"
+    return "ghost" if T * (d + p) < d * p else "direct"
+
+
 # ---------------------------------------------------------------- torch reference ----------
 
 
@@ -76,7 +88,7 @@ def linear_sq_norms_reference(x: torch.Tensor, g: torch.Tensor, bias: bool, meth
     x = x.float()
     g = g.float()
     if method == "auto":
-        method = choose_method(x.shape[1], x.shape[2], g.shape[2])
+        method = choose_method_torch(x.shape[1], x.shape[2], g.shape[2])
     if method == "rowwise":
         if x.shape[1] != 1:
             raise ValueError("the rowwise method needs T = 1")
