@@ -33,7 +33,7 @@ from .ops import linear_sq_norms as _lsn
 from .ops import norm_affine_grads as _nag
 from .ops import tied_cross as _tied
 from .ops._triton import HAS_TRITON, interpret_mode
-from .ops.philox import PhiloxKey, resolve_key
+from .ops.philox import PhiloxKey, add_normal_, resolve_key
 
 BACKENDS = ("torch", "triton", "cuda")
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -215,16 +215,17 @@ def linear_clipped_grad(
     key = resolve_key(generator)
     if out_dtype is not None and out_dtype not in _FLOAT_DTYPES:
         raise TypeError(f"out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
-    impl = select_backend(x3.device, backend)
-    if impl == "torch":
-        grad_w = _lcg.linear_clipped_grad_reference(x3, g3, c, noise_std, key, out_dtype)
-    else:
-        grad_w = _lcg.linear_clipped_grad_triton(x3, g3, c, noise_std, key, out_dtype)
-    grad_b = None
+    bias_key = None
     if bias:
         if key.stream == 2**32 - 1:
             raise ValueError("the bias draws from stream + 1: the weight's stream must be below 2**32 - 1")
         bias_key = PhiloxKey(key.seed, key.step, key.stream + 1)
+    impl = select_backend(x3.device, backend)
+    if impl == "torch":
+        return _lcg.linear_clipped_grad_reference(x3, g3, c, noise_std, key, out_dtype, bias_key)
+    grad_w = _lcg.linear_clipped_grad_triton(x3, g3, c, noise_std, key, out_dtype)
+    grad_b = None
+    if bias:
         per_example_bias = g3.sum(dim=1, dtype=torch.float32)
         grad_b = clip_sum_noise(per_example_bias, c, noise_std=noise_std, generator=bias_key, backend=backend)
         grad_b = grad_b.to(out_dtype or x3.dtype)
@@ -744,7 +745,9 @@ def conv_clipped_grad(
     # Σ_i c_i ∇W_i is the convolution's own weight gradient of (c∘G, x): torch's conv backward
     # (cuDNN on a GPU), every group in one call, no patches; float32 operands, then the noise once
     grad_w = _conv.clipped_weight_sum(x, grad_output, c, geometry)
-    if noise_std != 0.0:
+    if noise_std != 0.0 and select_backend(x.device, backend) == "torch":
+        add_normal_(grad_w, noise_std, key)  # in place: the compiled CPU kernel on a CPU
+    elif noise_std != 0.0:
         grad_w += gaussian_noise(grad_w.shape, std=noise_std, generator=key, device=x.device, backend=backend)
     grad_w = grad_w.to(out_dtype)
     grad_b = None

@@ -13,7 +13,8 @@ the result is stored in ``out_dtype`` (default x's dtype; the engine asks for th
 so float32 master weights trained on bfloat16 activations get an unrounded float32 gradient).
 
 The bias gradient Σ_i c_i Σ_t G_it + σ_n·z is the clip-sum-noise of the (B, p) per-example
-bias gradients (``clip_sum_noise.py``), drawn with its own counter stream.
+bias gradients (``clip_sum_noise.py``; the torch reference sums the rows of c∘G it already
+has), drawn with its own counter stream.
 """
 from __future__ import annotations
 
@@ -25,16 +26,22 @@ from .philox import PhiloxKey, add_normal_
 
 def linear_clipped_grad_reference(
     x: torch.Tensor, g: torch.Tensor, clip_factors: torch.Tensor, noise_std: float, key: PhiloxKey,
-    out_dtype: "torch.dtype | None" = None,
-) -> torch.Tensor:
-    """torch reference (x: (B,T,d), g: (B,T,p)) → (p, d) in out_dtype (default x's)."""
+    out_dtype: "torch.dtype | None" = None, bias_key: "PhiloxKey | None" = None,
+) -> "tuple[torch.Tensor, torch.Tensor | None]":
+    """torch reference (x: (B,T,d), g: (B,T,p)) → (grad_W (p, d), grad_b (p,) or None) in out_dtype
+    (default x's). With ``bias_key`` the bias gradient Σ_i c_i Σ_t G_it + σ_n·z (its noise from
+    bias_key) is summed from the same scaled rows c∘G as the weight's GEMM."""
     B, T, d = x.shape
     p = g.shape[2]
     scaled = g.float() * clip_factors.float().view(B, 1, 1)
     acc = scaled.reshape(B * T, p).t() @ x.float().reshape(B * T, d)
+    bias = scaled.sum(dim=(0, 1)) if bias_key is not None else None
     if noise_std != 0.0:
         add_normal_(acc, noise_std, key)
-    return acc.to(out_dtype or x.dtype)
+        if bias is not None:
+            add_normal_(bias, noise_std, bias_key)
+    out_dtype = out_dtype or x.dtype
+    return acc.to(out_dtype), (bias.to(out_dtype) if bias is not None else None)
 
 
 if HAS_TRITON:
