@@ -17,9 +17,11 @@ runs ``--steps`` steps in every round, the modes in turn, so that machine drift 
 alike), the median step time of each mode per round, and the median over rounds of its ratio to
 non-private of the same round.
 
-``--profile``: torch.profiler over dpkernels' steps of each workload, the time split by the
-engine's phases (``dpkernels.*`` record_function ranges: norms in backward, clip factors, clipped
-sums, noise) and the rest of the step, in percent.
+``--profile``: dpkernels' step time of each workload split by the engine's phases (wall-clock
+time inside ``dpkernels.ops._phases`` blocks: norms in backward, clip factors, clipped sums,
+noise) and the rest of the step, in percent. (torch.profiler is not used for this: with OpenMP
+on two threads its per-op overhead multiplied the step time by ~30.) Also the engine's fixed
+overhead per step: dpkernels minus non-private on the same model with B=2 and no noise.
 
     python bench/bench_cpu.py                 # writes bench/results/cpu_step-CPU-<date>.{md,json}
     python bench/bench_cpu.py --smoke         # tiny settings, /tmp
@@ -27,6 +29,7 @@ sums, noise) and the rest of the step, in percent.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -107,24 +110,44 @@ def measure(name: str, kind: str, cfg: Any, args: argparse.Namespace) -> Dict[st
     print(f"- {name}: " + ", ".join(f"{m} {r.get('ratio', float('nan')):.2f}" for m, r in out["modes"].items()
                                     if r["status"] == "ok"), flush=True)
     if args.profile and "dpkernels" in built:
-        out["profile"] = profile(built["dpkernels"][0], max(3, per_round["dpkernels"]))
+        out["profile"] = profile(built["dpkernels"][0], max(10, per_round["dpkernels"] * 3))
+        out["overhead_ms"] = engine_overhead(name, kind, cfg, args)
     return out
 
 
-def profile(step: Callable[[], None], n: int) -> Dict[str, float]:
-    """Percent of dpkernels' step time in each engine phase (self time of their ranges' ops)."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+def engine_overhead(name: str, kind: str, cfg: Any, args: argparse.Namespace) -> float:
+    """The engine's fixed cost per step, ms: dpkernels' step minus the non-private step on the same
+    model with 2 examples and no noise, where the arithmetic that grows with the batch is nearly
+    gone and what is left is Python and per-call work (medians of 50 interleaved steps each)."""
+    small = bench_step.Workload(name, kind, dataclasses.replace(cfg, batch=2), torch.device("cpu"), "float32",
+                                _args(args))
+    small.args.sigma = 0.0
+    steps = {m: bench_step.BUILDERS[m](small)[0] for m in ("non_private", "dpkernels")}
+    for step in steps.values():
+        for _ in range(3):
+            step()
+    times: Dict[str, List[float]] = {m: [] for m in steps}
+    for _ in range(50):
+        for mode, step in steps.items():
+            t = time.perf_counter()
+            step()
+            times[mode].append(time.perf_counter() - t)
+    return 1e3 * (statistics.median(times["dpkernels"]) - statistics.median(times["non_private"]))
 
-    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+
+def profile(step: Callable[[], None], n: int) -> Dict[str, float]:
+    """Percent of dpkernels' step time in each engine phase: wall-clock time inside the phases'
+    marked blocks (``dpkernels.ops._phases.timing``), over ``n`` steps. Noise runs inside the
+    clipped sums and is reported on its own; the rest is forward, backward without the norms,
+    the optimizer's own update and Python around them."""
+    from dpkernels.ops._phases import timing
+
+    with timing() as seconds:
         t0 = time.perf_counter()
         for _ in range(n):
             step()
-        total = (time.perf_counter() - t0) * 1e6
-    spent = {phase: 0.0 for phase in PHASES}
-    for evt in prof.events():
-        if evt.name in spent:
-            spent[evt.name] += evt.cpu_time_total
-    # norms run inside backward, noise inside the clipped sums: report each phase on its own
+        total = time.perf_counter() - t0
+    spent = {phase: seconds.get(phase, 0.0) for phase in PHASES}
     spent["dpkernels.clipped_sums"] -= spent["dpkernels.noise"]
     shares = {k.removeprefix("dpkernels."): 100.0 * v / total for k, v in spent.items()}
     shares["rest of the step"] = 100.0 - sum(shares.values())
@@ -151,9 +174,10 @@ def render(results: List[Dict[str, Any]], modes: List[str]) -> str:
     prof = [res for res in results if "profile" in res]
     if prof:
         keys = list(prof[0]["profile"])
-        parts.append("\n## Where dpkernels' step time goes (torch.profiler, % of the step)\n")
-        parts.append(common.md_table(["workload"] + keys, [[r["workload"]] + [f"{r['profile'][k]:.1f}" for k in keys]
-                                                          for r in prof]))
+        parts.append("\n## Where dpkernels' step time goes (wall clock per engine phase, % of the step)\n")
+        parts.append(common.md_table(["workload"] + keys + ["engine overhead (ms/step, B=2)"],
+                                     [[r["workload"]] + [f"{r['profile'][k]:.1f}" for k in keys]
+                                      + [f"{r['overhead_ms']:.2f}"] for r in prof]))
     return "\n".join(parts)
 
 

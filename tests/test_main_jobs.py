@@ -61,6 +61,30 @@ def test_benchmark_smoke_runs_every_script(tmp_path):
         assert modes["dpkernels"]["grad_rel_err_vs_loop"] < 1e-4, workload["describe"]
 
 
+def test_cpu_benchmarks_smoke(tmp_path):
+    """bench/bench_cpu.py (the CPU step against the peers, with the phase profile) and
+    bench/bench_cpu_norms.py (the torch backend's conv norm methods) run and check themselves."""
+    env = {**_env(), "TRITON_INTERPRET": "0"}
+    for script in ("bench_cpu.py", "bench_cpu_norms.py"):
+        args = [sys.executable, str(ROOT / "bench" / script), "--smoke", "--out-dir", str(tmp_path)]
+        proc = subprocess.run(args + (["--profile"] if script == "bench_cpu.py" else []), capture_output=True,
+                              text=True, env=env, cwd=ROOT, timeout=900)
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    step = json.loads(next(tmp_path.glob("cpu_step-*.json")).read_text())
+    for workload in step["results"]:
+        modes = workload["modes"]
+        for name in ("non_private", "naive", "dpkernels"):
+            assert modes[name]["status"] == "ok", (workload["describe"], modes[name])
+            assert modes[name]["ratio"] > 0
+        assert modes["dpkernels"]["grad_rel_err_vs_loop"] < 1e-4, workload["describe"]
+        shares = workload["profile"]
+        assert set(shares) == {"norms", "clip_factors", "clipped_sums", "noise", "rest of the step"}
+        assert all(v >= 0 for k, v in shares.items() if k != "rest of the step") and sum(shares.values()) == pytest.approx(100)
+    norms = json.loads(next(tmp_path.glob("cpu_conv_norms-*.json")).read_text())
+    for row in norms["results"]:
+        assert row["max_rel_diff"] < 1e-4 and row["auto_ms"] > 0, row
+
+
 def test_readme_quick_example_runs_as_written():
     readme = (ROOT / "README.md").read_text()
     code = readme.split("## Quick example", 1)[1].split("```python", 1)[1].split("```", 1)[0]
