@@ -10,8 +10,29 @@ use when CUDA and nvcc exist (``dpkernels/_cuda.py``).
     pip install --no-build-isolation -e .    # also builds the CUDA extension, if possible
 """
 import os
+import shutil
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CSRC_SUFFIXES = (".h", ".cuh", ".cpp", ".cu")
+
+
+class build_py_with_sources(build_py):
+    """Also copy csrc/ into the built package as dpkernels/_csrc, so that a non-editable install
+    can JIT-compile the CPU kernels (and the CUDA ones) at first use, as a checkout does."""
+
+    def run(self):
+        super().run()
+        src = os.path.join(HERE, "csrc")
+        if self.editable_mode or not os.path.isdir(src):
+            return  # an editable install reads the checkout's csrc/ directly
+        dst = os.path.join(self.build_lib, "dpkernels", "_csrc")
+        os.makedirs(dst, exist_ok=True)
+        for name in os.listdir(src):
+            if name.endswith(CSRC_SUFFIXES):
+                shutil.copy2(os.path.join(src, name), dst)
 
 
 def cuda_extensions():
@@ -24,7 +45,7 @@ def cuda_extensions():
         return [], {}
     if torch.version.cuda is None or CUDA_HOME is None:
         return [], {}
-    here = os.path.dirname(os.path.abspath(__file__))
+    here = HERE
     ext = CUDAExtension(
         name="dpkernels._C",
         sources=[os.path.join("csrc", "bindings.cpp"), os.path.join("csrc", "clip_sum_noise.cu")],
@@ -35,6 +56,7 @@ def cuda_extensions():
 
 
 ext_modules, cmdclass = cuda_extensions()
+cmdclass["build_py"] = build_py_with_sources
 
 setup(
     name="dpkernels",

@@ -46,7 +46,9 @@ _reason: Optional[str] = None
 
 
 def csrc_dir() -> Path:
-    return Path(__file__).resolve().parent.parent / "csrc"
+    from ._cuda import csrc_dir as sources  # one rule: the wheel's bundled copy, else the checkout's csrc/
+
+    return sources()
 
 
 def _build() -> ModuleType:
@@ -55,7 +57,7 @@ def _build() -> ModuleType:
     sources = [csrc_dir() / name for name in SOURCES]
     missing = [str(src) for src in sources if not src.is_file()]
     if missing:
-        raise RuntimeError(f"{', '.join(missing)} not found (an installed wheel without csrc/)")
+        raise RuntimeError(f"{', '.join(missing)} not found (an installation without the C++ sources)")
     from torch.utils import cpp_extension
 
     verbose = os.environ.get("DPKERNELS_VERBOSE_BUILD") == "1"

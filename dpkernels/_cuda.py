@@ -77,8 +77,10 @@ class _Unavailable(Exception):
 
 
 def csrc_dir() -> Path:
-    """Where the CUDA sources are looked for: ``csrc/`` next to the ``dpkernels`` package."""
-    return Path(__file__).resolve().parent.parent / "csrc"
+    """Where the C++/CUDA sources are looked for: the copy an installed wheel carries
+    (``dpkernels/_csrc``, see setup.py), else ``csrc/`` next to the package (a checkout)."""
+    bundled = Path(__file__).resolve().parent / "_csrc"
+    return bundled if bundled.is_dir() else Path(__file__).resolve().parent.parent / "csrc"
 
 
 def _tail(text: str) -> str:
@@ -125,9 +127,9 @@ def _jit_compile() -> ModuleType:
     missing = [f for f in _SOURCES + _HEADERS if not (src / f).is_file()]
     if missing:
         raise _Unavailable(
-            f"the CUDA sources are not at {src} (missing {', '.join(missing)}): an installed, "
-            "non-editable dpkernels ships no csrc/ and no prebuilt dpkernels._C was built; use a "
-            "checkout with `pip install --no-build-isolation -e .` to build or JIT-compile it"
+            f"the CUDA sources are not at {src} (missing {', '.join(missing)}): this installation of "
+            "dpkernels carries no csrc/ and no prebuilt dpkernels._C was built; reinstall from a checkout "
+            "(`pip install .` bundles the sources, `pip install --no-build-isolation -e .` builds the extension)"
         )
     from torch.utils import cpp_extension  # imported lazily: it is heavy and only needed here
 

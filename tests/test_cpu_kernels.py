@@ -175,3 +175,20 @@ def test_conv_patches_are_refused_with_bad_arguments():
         _cpu.load().conv_patches(torch.randn(2, 6, 5, 5), 4, 3, 3, 1, 1, 0, 0, 1, 1, 3, 3)
     with pytest.raises(RuntimeError, match="must be a \\(B, C, H, W\\) CPU tensor"):
         _cpu.load().conv_patches(torch.randn(2, 6, 5), 1, 3, 3, 1, 1, 0, 0, 1, 1, 3, 3)
+
+
+def test_a_built_wheel_carries_the_sources(tmp_path):
+    """A non-editable install JIT-compiles the CPU kernels from dpkernels/_csrc (setup.py copies csrc/ there)."""
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", str(root), "--no-deps", "--no-build-isolation",
+                           "-w", str(tmp_path), "-q"], capture_output=True, text=True, timeout=600,
+                          env={**__import__("os").environ, "DPKERNELS_NO_CUDA_BUILD": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    names = set(zipfile.ZipFile(next(tmp_path.glob("dpkernels-*.whl"))).namelist())
+    for source in _cpu.SOURCES + ("cpu_kernels.h", "philox.cuh"):
+        assert f"dpkernels/_csrc/{source}" in names
