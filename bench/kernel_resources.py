@@ -49,15 +49,15 @@ def main() -> None:
         for cfg in kt._GEMM_TILES:
             r, c, k, w, s = cfg
             print(f"{dt} direct       {r}x{c}x{k} w{w} s{s}: " + resources(
-                lsn._direct_kernel, xg,
+                lsn._linear_direct_kernel, xg,
                 {"HAS_BIAS": True, **flags, "BLOCK_P": r, "BLOCK_D": c, "BLOCK_T": k}, w, s))
             print(f"{dt} clipped_grad {r}x{c}x{k} w{w} s{s}: " + resources(
-                lcg._clipped_grad_kernel, {**xg, "out_ptr": f"*{dt}"},
+                lcg._linear_clipped_grad_kernel, {**xg, "out_ptr": f"*{dt}"},
                 {"HAS_NOISE": True, "ALIGNED2": True, **flags, "BLOCK_P": r, "BLOCK_D": c, "BLOCK_K": k}, w, s))
         for k in (32, 64, 128):
             for w in (4, 8):
                 print(f"{dt} ghost        64x64 K{k} w{w} s3: " + resources(
-                    lsn._ghost_kernel, {**xg, "pairs_ptr": "*i32"},
+                    lsn._linear_ghost_kernel, {**xg, "pairs_ptr": "*i32"},
                     {"HAS_BIAS": True, **flags, "BLOCK_T": 64, "BLOCK_K": k}, w, 3))
 
 

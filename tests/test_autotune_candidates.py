@@ -39,7 +39,7 @@ def test_direct_norm_candidate(device, tile):
     out_row = (P + 31) // 32 * ((d_cols + 31) // 32)
     out = torch.zeros((B, out_row), dtype=torch.float32, device=device)
     grid = ((B, (P + rows - 1) // rows, (d_cols + cols - 1) // cols))
-    lsn._direct_kernel[grid](
+    lsn._linear_direct_kernel[grid](
         x, g, out, T, D, P, out_row, *x.stride(), *g.stride(),
         HAS_BIAS=True, **kt.dot_flags(x.dtype), BLOCK_P=rows, BLOCK_D=cols, BLOCK_T=red,
     )
@@ -63,7 +63,7 @@ def test_clipped_grad_candidate(device, tile, d):
     out = torch.empty((P, d), dtype=torch.float32, device=device)
     x2, g2 = x.reshape(B * T, d), g.reshape(B * T, P)
     grid = ((P + rows - 1) // rows, (d + cols - 1) // cols)
-    lcg._clipped_grad_kernel[grid](
+    lcg._linear_clipped_grad_kernel[grid](
         x2, g2, c, out, T, B * T, d, P, x2.stride(0), g2.stride(0),
         0.5, key.seed_lo, key.seed_hi, key.step, key.stream,
         HAS_NOISE=True, ALIGNED2=d % 2 == 0, **kt.dot_flags(x.dtype), BLOCK_P=rows, BLOCK_D=cols, BLOCK_K=red,
@@ -71,3 +71,35 @@ def test_clipped_grad_candidate(device, tile, d):
     ref_w, _ = linear_clipped_sum_oracle(x, g, c, True)
     ref = ref_w.double().cpu() + 0.5 * philox_normal(P * d, key).view(P, d).double()
     torch.testing.assert_close(out.double().cpu(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_partial_sum_kernels_are_zeroed_by_the_autotuner():
+    """Kernels that write partial sums into tile-indexed slots are autotuned with Triton's own
+    reset_to_zero on their output: a losing tiling's stale slots are zeroed before the winner runs."""
+    from dpkernels.ops import conv_sq_norms as cvn
+    from dpkernels.ops import linear_sq_norms as lsn
+
+    for launch in (lsn._direct_launch, cvn._conv_direct_launch):
+        assert launch.tuned.reset_to_zero == ["out_ptr"]
+        assert "out_ptr" in launch.kernel.arg_names
+
+
+def test_launch_uses_the_fixed_meta_parameters_without_autotuning(monkeypatch):
+    calls = []
+
+    class FakeKernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: calls.append(("fixed", grid, args, kw))
+
+    class FakeTuned:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: calls.append(("tuned", grid, args, kw))
+
+    launch = kt.TunedLaunch.__new__(kt.TunedLaunch)
+    launch.kernel, launch.tuned = FakeKernel(), FakeTuned()
+    monkeypatch.setattr(kt, "use_autotune", lambda: False)
+    launch(lambda meta: (meta["BLOCK"] * 2,), (1, 2), {"F": 3}, fixed={"BLOCK": 16})
+    monkeypatch.setattr(kt, "use_autotune", lambda: True)
+    launch((7,), (1, 2), {"F": 3}, fixed={"BLOCK": 16})
+    assert calls[0] == ("fixed", (32,), (1, 2), {"F": 3, "BLOCK": 16})
+    assert calls[1] == ("tuned", (7,), (1, 2), {"F": 3})

@@ -1,4 +1,6 @@
-"""Whether Triton can run here, and the Triton helpers every kernel shares (Philox noise).
+"""Whether Triton can run here, and the Triton helpers every kernel shares: Philox noise (in
+kernels and on its own), float32-accumulating dots, autotuning candidates and the one launcher
+(``TunedLaunch``) that chooses between autotuned and fixed meta-parameters.
 
 Importing this module never fails: without triton, ``HAS_TRITON`` is False and the kernels
 modules are not imported by the dispatcher.
@@ -111,6 +113,17 @@ if HAS_TRITON:
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         tl.store(out + offs, z, mask=offs < n)
 
+    @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "step", "stream"])
+    def _philox_add_noise_kernel(out_ptr, n, noise_std, seed_lo, seed_hi, step, stream, BLOCK: tl.constexpr):
+        # out (contiguous float32, n elements) += noise_std · z_e, e = flat index (pairs 2q, 2q+1)
+        pid = tl.program_id(0).to(tl.int64)
+        pairs = pid * (BLOCK // 2) + tl.arange(0, BLOCK // 2)
+        z = tl.reshape(philox_normal_pairs_tl(pairs[None, :], seed_lo, seed_hi, step, stream), (BLOCK,))
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        acc = tl.load(out_ptr + offs, mask=mask, other=0.0)
+        tl.store(out_ptr + offs, acc + noise_std * z, mask=mask)
+
 
 def use_autotune() -> bool:
     """Autotune block sizes on a GPU; under the interpreter, or with DPKERNELS_AUTOTUNE=0, use the
@@ -138,17 +151,28 @@ def gemm_tile_configs(rows: str, cols: str, reduction: str) -> list:
     return configs(*[({rows: r, cols: c, reduction: k}, w, s) for r, c, k, w, s in _GEMM_TILES])
 
 
-def launch_partial_sums(tuned, grid, out: torch.Tensor, args: tuple, flags: dict) -> None:
-    """Launch an autotuned kernel that writes partial sums into tile-indexed slots of ``out``.
+class TunedLaunch:
+    """One Triton kernel, launched the one way this machine wants: with meta-parameters autotuned
+    per shape over ``configs`` on a GPU, or with the fixed ones the caller passes under the
+    interpreter or DPKERNELS_AUTOTUNE=0 (one compile per kernel variant). The only place that
+    makes this choice.
 
-    A tiling writes only its own slots, and the autotuner runs every candidate on ``out`` the
-    first time it sees a shape: after a call that tuned, the slots of the losing tilings hold
-    stale sums, so ``out`` is zeroed and the chosen tiling runs once more."""
-    tuned_before = len(tuned.cache)
-    tuned[grid](*args, **flags)
-    if len(tuned.cache) != tuned_before:
-        out.zero_()
-        tuned[grid](*args, **flags)
+    ``reset_to_zero`` names output arguments that hold partial sums in tile-indexed slots: a
+    tiling writes only its own slots, so the autotuner zeroes them before timing each candidate
+    and again before the chosen one runs (Triton's own ``reset_to_zero``), and no losing tiling
+    leaves stale sums behind. The caller allocates them zeroed for the runs that do not tune."""
+
+    def __init__(self, kernel, configs: list, key: list, reset_to_zero: "list | None" = None) -> None:
+        self.kernel = kernel
+        self.tuned = triton.autotune(configs=configs, key=key, reset_to_zero=reset_to_zero)(kernel)
+
+    def __call__(self, grid, args: tuple, flags: dict, fixed: dict) -> None:
+        """``grid``: a tuple, or a function of the meta-parameters; ``fixed``: the meta-parameters
+        used when not autotuning."""
+        if use_autotune():
+            self.tuned[grid](*args, **flags)
+        else:
+            self.kernel[grid(fixed) if callable(grid) else grid](*args, **flags, **fixed)
 
 
 def dot_flags(dtype: torch.dtype) -> dict:
@@ -162,5 +186,19 @@ def philox_normal_triton(numel: int, key, device) -> torch.Tensor:
     block = 1024
     _philox_normal_kernel[(triton.cdiv(numel, block),)](
         out, numel, key.seed_lo, key.seed_hi, key.step, key.stream, BLOCK=block
+    )
+    return out
+
+
+def add_noise_triton_(out: torch.Tensor, noise_std: float, key) -> torch.Tensor:
+    """out += noise_std·z in place (out contiguous float32; z = philox_normal(out.numel(), key))."""
+    if not (out.dtype == torch.float32 and out.is_contiguous()):
+        raise ValueError("add_noise_triton_ needs a contiguous float32 tensor")
+    n = out.numel()
+    if n == 0 or noise_std == 0.0:
+        return out
+    block = 1024
+    _philox_add_noise_kernel[(triton.cdiv(n, block),)](
+        out, n, float(noise_std), key.seed_lo, key.seed_hi, key.step, key.stream, BLOCK=block,
     )
     return out

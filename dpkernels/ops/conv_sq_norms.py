@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import HAS_TRITON, dot_flags, gemm_tile_configs, launch_partial_sums, tl, triton, use_autotune
+from ._triton import HAS_TRITON, TunedLaunch, dot_flags, gemm_tile_configs, tl, triton
 from .conv_patches import ConvGeometry, pad_for_conv
 
 # float32 elements of per-example weight gradients the torch direct method holds at once (64 MiB)
@@ -105,17 +105,15 @@ if HAS_TRITON:
         n_tiles_d = tl.cdiv(d, BLOCK_D)
         tl.store(out_ptr + pid * out_row + tp * n_tiles_d + td, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
 
-    _conv_direct_tuned = triton.autotune(
-        configs=gemm_tile_configs("BLOCK_P", "BLOCK_D", "BLOCK_L"),
-        key=["L", "d", "p_g"],
-    )(_conv_direct_kernel)
+    _conv_direct_launch = TunedLaunch(
+        _conv_direct_kernel, gemm_tile_configs("BLOCK_P", "BLOCK_D", "BLOCK_L"), key=["L", "d", "p_g"],
+        reset_to_zero=["out_ptr"],
+    )
 
 
 def conv_weight_sq_norms_triton(x: torch.Tensor, grad_output: torch.Tensor, geometry: ConvGeometry) -> torch.Tensor:
     """float32 (B,): Σ_j ‖G_ijᵀ U_ij‖² (no bias term). ``x``: the input after ``pad_for_conv``
     (only symmetric zero padding left, which the kernel reads as 0); any strides."""
-    from .conv_patches import pad_for_conv
-
     xp, conv_padding = pad_for_conv(x, geometry)
     if geometry.spatial_dims == 1:  # as 2-D with H = 1
         xp, g4, (pad_h, pad_w) = xp.unsqueeze(2), grad_output.unsqueeze(2), (0, conv_padding[0])
@@ -134,15 +132,9 @@ def conv_weight_sq_norms_triton(x: torch.Tensor, grad_output: torch.Tensor, geom
         xp, g4, out, groups, geometry.in_channels // groups, H, W, Wo, Ho * Wo, p_g, d, out_row,
         *xp.stride(), *g4.stride(), *geometry.stride, pad_h, pad_w, *geometry.dilation,
     )
-    flags = dict(KH=kh, KW=kw, **dot_flags(x.dtype))
-    if use_autotune():
-        def grid(meta):
-            return (B * groups, triton.cdiv(p_g, meta["BLOCK_P"]), triton.cdiv(d, meta["BLOCK_D"]))
+    def grid(meta):
+        return (B * groups, triton.cdiv(p_g, meta["BLOCK_P"]), triton.cdiv(d, meta["BLOCK_D"]))
 
-        launch_partial_sums(_conv_direct_tuned, grid, out, args, flags)
-    else:
-        block_p = 32 if p_g > 16 else 16
-        block_d = 64 if d > 32 else 32
-        grid = (B * groups, triton.cdiv(p_g, block_p), triton.cdiv(d, block_d))
-        _conv_direct_kernel[grid](*args, **flags, BLOCK_P=block_p, BLOCK_D=block_d, BLOCK_L=32)
+    fixed = dict(BLOCK_P=32 if p_g > 16 else 16, BLOCK_D=64 if d > 32 else 32, BLOCK_L=32)
+    _conv_direct_launch(grid, args, dict(KH=kh, KW=kw, **dot_flags(x.dtype)), fixed=fixed)
     return out.sum(dim=1).view(B, groups).sum(dim=1)

@@ -49,7 +49,7 @@ Clipped sum
     whose CUDA kernels add with atomics in an arbitrary order). That CUDA kernel indexes rows ×
     features with 32-bit ints, so calls are split into chunks of fewer than 2³¹ elements,
     whose results are added in a fixed order. The noise is then added in place: the torch
-    reference adds ``philox_normal``; the Triton path runs ``_add_noise_kernel`` (out += σ_n·z,
+    reference adds ``philox_normal``; the Triton path runs ``_triton.add_noise_triton_`` (out += σ_n·z,
     the same draws), so no (V, p) noise tensor exists on the GPU. The result is cast to
     ``out_dtype`` (default G's dtype).
 """
@@ -59,8 +59,8 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from ._triton import HAS_TRITON, configs, dot_flags, tl, triton, use_autotune
-from .linear_sq_norms import _upper_triangle_pairs, ghost_block_t
+from ._tiles import ghost_block_t, upper_triangle_pairs
+from ._triton import HAS_TRITON, TunedLaunch, add_noise_triton_, configs, dot_flags, tl, triton
 from .philox import PhiloxKey, add_normal_
 
 # Elements per call of aten.embedding_dense_backward: its CUDA kernels index rows × (features
@@ -185,11 +185,10 @@ def embedding_clipped_grad_reference(
 # ---------------------------------------------------------------- Triton kernels ----------
 
 if HAS_TRITON:
-    from ._triton import philox_normal_pairs_tl
-    from .linear_sq_norms import _gram_tile
+    from ._tiles import gram_tile
 
     @triton.jit
-    def _rowwise_kernel(tok_ptr, g_ptr, out_ptr, p, pad, stb, sgb, sgp, BLOCK: tl.constexpr):
+    def _embedding_rowwise_kernel(tok_ptr, g_ptr, out_ptr, p, pad, stb, sgb, sgp, BLOCK: tl.constexpr):
         # T = 1: ‖G_i‖², or 0 where the token is padding
         b = tl.program_id(0).to(tl.int64)
         tok = tl.load(tok_ptr + b * stb)
@@ -202,7 +201,7 @@ if HAS_TRITON:
         tl.store(out_ptr + b, tl.where(tok != pad, tl.sum(acc, axis=0), 0.0))
 
     @triton.jit
-    def _ghost_kernel(
+    def _embedding_ghost_kernel(
         tok_ptr, g_ptr, pairs_ptr, out_ptr,
         T, p, n_pairs, pad,
         stb, stt, sgb, sgt, sgp,
@@ -227,28 +226,17 @@ if HAS_TRITON:
         # a tile pair without a matching (t, s) contributes nothing: its dot loop runs 0 times
         n_same = tl.sum(tl.sum(same.to(tl.int32), axis=1), axis=0)
         p_used = tl.where(n_same > 0, p, 0)
-        gram = _gram_tile(g_ptr + b * sgb, rt, rs, keep_t, keep_s, p_used, sgt, sgp,
+        gram = gram_tile(g_ptr + b * sgb, rt, rs, keep_t, keep_s, p_used, sgt, sgp,
                           IEEE, UPCAST, BLOCK_T, BLOCK_K)
         weight = tl.where(ti == si, 1.0, 2.0)
         total = tl.sum(tl.sum(tl.where(same, gram, 0.0), axis=1), axis=0)
         tl.store(out_ptr + pid, weight * total)
 
-    @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "step", "stream"])
-    def _add_noise_kernel(out_ptr, n, noise_std, seed_lo, seed_hi, step, stream, BLOCK: tl.constexpr):
-        # out (contiguous float32, n elements) += noise_std · z_e, e = flat index (pairs 2q, 2q+1)
-        pid = tl.program_id(0).to(tl.int64)
-        pairs = pid * (BLOCK // 2) + tl.arange(0, BLOCK // 2)
-        z = tl.reshape(philox_normal_pairs_tl(pairs[None, :], seed_lo, seed_hi, step, stream), (BLOCK,))
-        offs = pid * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
-        acc = tl.load(out_ptr + offs, mask=mask, other=0.0)
-        tl.store(out_ptr + offs, acc + noise_std * z, mask=mask)
-
-    # GPU: the reduction block autotuned per shape; every config writes every (example, pair) slot
-    _ghost_tuned = triton.autotune(
-        configs=configs(*[({"BLOCK_K": k}, w, 3) for k in (32, 64, 128) for w in (4, 8)]),
+    # the reduction block autotuned per shape on a GPU; every config writes every (example, pair) slot
+    _ghost_launch = TunedLaunch(
+        _embedding_ghost_kernel, configs(*[({"BLOCK_K": k}, w, 3) for k in (32, 64, 128) for w in (4, 8)]),
         key=["T", "p"],
-    )(_ghost_kernel)
+    )
 
 
 def embedding_sq_norms_triton(tokens: torch.Tensor, g: torch.Tensor, padding_idx: int) -> torch.Tensor:
@@ -258,39 +246,20 @@ def embedding_sq_norms_triton(tokens: torch.Tensor, g: torch.Tensor, padding_idx
         return torch.zeros(B, dtype=torch.float32, device=g.device)
     if T == 1:
         out = torch.empty(B, dtype=torch.float32, device=g.device)
-        _rowwise_kernel[(B,)](
+        _embedding_rowwise_kernel[(B,)](
             tokens, g, out, p, padding_idx, tokens.stride(0), g.stride(0), g.stride(2), BLOCK=256,
         )
         return out
     block_t = ghost_block_t(T)
-    pairs = _upper_triangle_pairs(triton.cdiv(T, block_t), g.device)
+    pairs = upper_triangle_pairs(triton.cdiv(T, block_t), g.device)
     n_pairs = pairs.shape[0]
     out = torch.empty((B, n_pairs), dtype=torch.float32, device=g.device)
     args = (
         tokens, g, pairs, out, T, p, n_pairs, padding_idx,
         tokens.stride(0), tokens.stride(1), g.stride(0), g.stride(1), g.stride(2),
     )
-    flags = dict(**dot_flags(g.dtype), BLOCK_T=block_t)
-    grid = (B * n_pairs,)
-    if use_autotune():
-        _ghost_tuned[grid](*args, **flags)
-    else:
-        _ghost_kernel[grid](*args, **flags, BLOCK_K=64)
+    _ghost_launch((B * n_pairs,), args, dict(**dot_flags(g.dtype), BLOCK_T=block_t), fixed=dict(BLOCK_K=64))
     return out.sum(dim=1)
-
-
-def add_noise_triton_(out: torch.Tensor, noise_std: float, key: PhiloxKey) -> torch.Tensor:
-    """out += noise_std·z in place (out contiguous float32; z = philox_normal(out.numel(), key))."""
-    if not (out.dtype == torch.float32 and out.is_contiguous()):
-        raise ValueError("add_noise_triton_ needs a contiguous float32 tensor")
-    n = out.numel()
-    if n == 0 or noise_std == 0.0:
-        return out
-    block = 1024
-    _add_noise_kernel[(triton.cdiv(n, block),)](
-        out, n, float(noise_std), key.seed_lo, key.seed_hi, key.step, key.stream, BLOCK=block,
-    )
-    return out
 
 
 def embedding_clipped_grad_triton(

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import HAS_TRITON, dot_flags, gemm_tile_configs, tl, triton, use_autotune
+from ._triton import HAS_TRITON, TunedLaunch, dot_flags, gemm_tile_configs, tl, triton
 from .philox import PhiloxKey, add_normal_
 
 
@@ -48,7 +48,7 @@ if HAS_TRITON:
     from ._triton import dot_acc, philox_normal_pairs_tl, philox_normal_tl
 
     @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "step", "stream"])
-    def _clipped_grad_kernel(
+    def _linear_clipped_grad_kernel(
         x_ptr, g_ptr, c_ptr, out_ptr,
         T, K, d, p,
         sxk, sgk,
@@ -92,10 +92,9 @@ if HAS_TRITON:
         tl.store(out_ptr + elem, acc.to(out_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_d[None, :])
 
     # GPU: tiles autotuned per shape; every config writes the whole output, so tuning is safe
-    _clipped_grad_tuned = triton.autotune(
-        configs=gemm_tile_configs("BLOCK_P", "BLOCK_D", "BLOCK_K"),
-        key=["K", "d", "p"],
-    )(_clipped_grad_kernel)
+    _clipped_grad_launch = TunedLaunch(
+        _linear_clipped_grad_kernel, gemm_tile_configs("BLOCK_P", "BLOCK_D", "BLOCK_K"), key=["K", "d", "p"],
+    )
 
 
 def _rows(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
@@ -118,15 +117,10 @@ def linear_clipped_grad_triton(
         x2, g2, clip_factors, out, T, B * T, d, p, x2.stride(0), g2.stride(0),
         float(noise_std), key.seed_lo, key.seed_hi, key.step, key.stream,
     )
-    flags = dict(HAS_NOISE=noise_std != 0.0, ALIGNED2=d % 2 == 0, **dot_flags(x.dtype))
-    if use_autotune():
-        def grid(meta):
-            return (triton.cdiv(p, meta["BLOCK_P"]), triton.cdiv(d, meta["BLOCK_D"]))
+    def grid(meta):
+        return (triton.cdiv(p, meta["BLOCK_P"]), triton.cdiv(d, meta["BLOCK_D"]))
 
-        _clipped_grad_tuned[grid](*args, **flags)
-    else:
-        block_p = 64 if p > 32 else 32
-        block_d = 64 if d > 32 else 32
-        grid = (triton.cdiv(p, block_p), triton.cdiv(d, block_d))
-        _clipped_grad_kernel[grid](*args, **flags, BLOCK_P=block_p, BLOCK_D=block_d, BLOCK_K=32)
+    fixed = dict(BLOCK_P=64 if p > 32 else 32, BLOCK_D=64 if d > 32 else 32, BLOCK_K=32)
+    _clipped_grad_launch(grid, args, dict(HAS_NOISE=noise_std != 0.0, ALIGNED2=d % 2 == 0, **dot_flags(x.dtype)),
+                         fixed=fixed)
     return out

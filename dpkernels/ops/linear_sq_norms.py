@@ -39,15 +39,11 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import HAS_TRITON, configs, dot_flags, gemm_tile_configs, launch_partial_sums, tl, triton, use_autotune
+from ._tiles import ghost_block_t, upper_triangle_pairs
+from ._triton import HAS_TRITON, TunedLaunch, configs, dot_flags, gemm_tile_configs, tl, triton
 
 GHOST_EFFICIENCY = 1.0
 METHODS = ("auto", "ghost", "direct")
-
-
-def ghost_block_t(T: int) -> int:
-    """The ghost kernel's tile edge on the T×T plane."""
-    return 64 if T > 32 else (32 if T > 16 else 16)
 
 
 def ghost_macs(T: int, d: int, p: int) -> int:
@@ -111,10 +107,11 @@ def linear_sq_norms_reference(x: torch.Tensor, g: torch.Tensor, bias: bool, meth
 # ---------------------------------------------------------------- Triton kernels ----------
 
 if HAS_TRITON:
+    from ._tiles import gram_tile
     from ._triton import dot_acc
 
     @triton.jit
-    def _rowwise_kernel(
+    def _linear_rowwise_kernel(
         x_ptr, g_ptr, out_ptr, d, p,
         sxb, sxd, sgb, sgp,
         HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
@@ -139,24 +136,7 @@ if HAS_TRITON:
         tl.store(out_ptr + b, res)
 
     @triton.jit
-    def _gram_tile(base, rt, rs, mask_t, mask_s, n_cols, s_row, s_col,
-                   IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
-        """(A A^T) restricted to rows rt × rows rs, for one example's matrix A at ``base``: float32."""
-        offs_k = tl.arange(0, BLOCK_K)
-        gram = tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32)
-        for k in range(0, n_cols, BLOCK_K):
-            cols = k + offs_k
-            cmask = cols < n_cols
-            c64 = cols.to(tl.int64)
-            a = tl.load(base + rt[:, None] * s_row + c64[None, :] * s_col,
-                        mask=mask_t[:, None] & cmask[None, :], other=0.0)
-            a2 = tl.load(base + rs[:, None] * s_row + c64[None, :] * s_col,
-                         mask=mask_s[:, None] & cmask[None, :], other=0.0)
-            gram = dot_acc(gram, a, tl.trans(a2), IEEE, UPCAST)
-        return gram
-
-    @triton.jit
-    def _ghost_kernel(
+    def _linear_ghost_kernel(
         x_ptr, g_ptr, pairs_ptr, out_w_ptr, out_b_ptr,
         T, d, p, n_pairs,
         sxb, sxt, sxd, sgb, sgt, sgp,
@@ -177,9 +157,9 @@ if HAS_TRITON:
         rt = rows_t.to(tl.int64)
         rs = rows_s.to(tl.int64)
 
-        gram_x = _gram_tile(x_ptr + b * sxb, rt, rs, mask_t, mask_s, d, sxt, sxd,
+        gram_x = gram_tile(x_ptr + b * sxb, rt, rs, mask_t, mask_s, d, sxt, sxd,
                             IEEE, UPCAST, BLOCK_T, BLOCK_K)
-        gram_g = _gram_tile(g_ptr + b * sgb, rt, rs, mask_t, mask_s, p, sgt, sgp,
+        gram_g = gram_tile(g_ptr + b * sgb, rt, rs, mask_t, mask_s, p, sgt, sgp,
                             IEEE, UPCAST, BLOCK_T, BLOCK_K)
 
         weight = tl.where(ti == si, 1.0, 2.0)
@@ -189,7 +169,7 @@ if HAS_TRITON:
             tl.store(out_b_ptr + out_off, weight * tl.sum(tl.sum(gram_g, axis=1), axis=0))
 
     @triton.jit
-    def _direct_kernel(
+    def _linear_direct_kernel(
         x_ptr, g_ptr, out_ptr,
         T, d, p, out_row,
         sxb, sxt, sxd, sgb, sgt, sgp,
@@ -231,28 +211,15 @@ if HAS_TRITON:
         tl.store(out_ptr + b * out_row + tp * n_tiles_d + td, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
 
 
-    # GPU: block sizes autotuned per shape (the interpreter uses the fixed ones below)
-    _ghost_tuned = triton.autotune(
-        configs=configs(*[({"BLOCK_K": k}, w, 3) for k in (32, 64, 128) for w in (4, 8)]),
+    # block sizes autotuned per shape on a GPU (TunedLaunch; the interpreter uses fixed ones)
+    _ghost_launch = TunedLaunch(
+        _linear_ghost_kernel, configs(*[({"BLOCK_K": k}, w, 3) for k in (32, 64, 128) for w in (4, 8)]),
         key=["T", "d", "p"],
-    )(_ghost_kernel)
-    _direct_tuned = triton.autotune(
-        configs=gemm_tile_configs("BLOCK_P", "BLOCK_D", "BLOCK_T"),
-        key=["T", "d", "p"],
-    )(_direct_kernel)
-
-
-_PAIRS_CACHE: dict = {}
-
-
-def _upper_triangle_pairs(n_tiles: int, device: torch.device) -> torch.Tensor:
-    key = (n_tiles, str(device))
-    pairs = _PAIRS_CACHE.get(key)
-    if pairs is None:
-        idx = torch.triu_indices(n_tiles, n_tiles)
-        pairs = idx.t().contiguous().to(device=device, dtype=torch.int32)
-        _PAIRS_CACHE[key] = pairs
-    return pairs
+    )
+    _direct_launch = TunedLaunch(
+        _linear_direct_kernel, gemm_tile_configs("BLOCK_P", "BLOCK_D", "BLOCK_T"), key=["T", "d", "p"],
+        reset_to_zero=["out_ptr"],
+    )
 
 
 def linear_sq_norms_triton(x: torch.Tensor, g: torch.Tensor, bias: bool, method: str) -> torch.Tensor:
@@ -265,7 +232,7 @@ def linear_sq_norms_triton(x: torch.Tensor, g: torch.Tensor, bias: bool, method:
         if T != 1:
             raise ValueError("the rowwise method needs T = 1")
         out = torch.empty(B, dtype=torch.float32, device=x.device)
-        _rowwise_kernel[(B,)](
+        _linear_rowwise_kernel[(B,)](
             x, g, out, d, p, x.stride(0), x.stride(2), g.stride(0), g.stride(2),
             HAS_BIAS=bias, BLOCK=256,
         )
@@ -273,7 +240,7 @@ def linear_sq_norms_triton(x: torch.Tensor, g: torch.Tensor, bias: bool, method:
     if method == "ghost":
         block_t = ghost_block_t(T)
         n_t = triton.cdiv(T, block_t)
-        pairs = _upper_triangle_pairs(n_t, x.device)
+        pairs = upper_triangle_pairs(n_t, x.device)
         n_pairs = pairs.shape[0]
         out_w = torch.empty((B, n_pairs), dtype=torch.float32, device=x.device)
         out_b = torch.empty((B, n_pairs), dtype=torch.float32, device=x.device) if bias else out_w
@@ -281,11 +248,8 @@ def linear_sq_norms_triton(x: torch.Tensor, g: torch.Tensor, bias: bool, method:
             x, g, pairs, out_w, out_b, T, d, p, n_pairs,
             x.stride(0), x.stride(1), x.stride(2), g.stride(0), g.stride(1), g.stride(2),
         )
-        flags = dict(HAS_BIAS=bias, **dot_flags(x.dtype), BLOCK_T=block_t)
-        if use_autotune():
-            _ghost_tuned[(B * n_pairs,)](*args, **flags)
-        else:
-            _ghost_kernel[(B * n_pairs,)](*args, **flags, BLOCK_K=64)
+        _ghost_launch((B * n_pairs,), args, dict(HAS_BIAS=bias, **dot_flags(x.dtype), BLOCK_T=block_t),
+                      fixed=dict(BLOCK_K=64))
         return out_w.sum(dim=1) + out_b.sum(dim=1) if bias else out_w.sum(dim=1)
     if method == "direct":
         d_cols = d + 1 if bias else d  # the bias is a column of ones appended to x
@@ -296,17 +260,10 @@ def linear_sq_norms_triton(x: torch.Tensor, g: torch.Tensor, bias: bool, method:
             x, g, out, T, d, p, out_row,
             x.stride(0), x.stride(1), x.stride(2), g.stride(0), g.stride(1), g.stride(2),
         )
-        flags = dict(HAS_BIAS=bias, **dot_flags(x.dtype))
-        if use_autotune():
-            def grid(meta):
-                return (B, triton.cdiv(p, meta["BLOCK_P"]), triton.cdiv(d_cols, meta["BLOCK_D"]))
+        def grid(meta):
+            return (B, triton.cdiv(p, meta["BLOCK_P"]), triton.cdiv(d_cols, meta["BLOCK_D"]))
 
-            launch_partial_sums(_direct_tuned, grid, out, args, flags)
-        else:
-            block_p = 64 if p > 32 else 32
-            block_d = 64 if d_cols > 32 else 32
-            block_t = 32 if T > 16 else 16
-            grid = (B, triton.cdiv(p, block_p), triton.cdiv(d_cols, block_d))
-            _direct_kernel[grid](*args, **flags, BLOCK_P=block_p, BLOCK_D=block_d, BLOCK_T=block_t)
+        fixed = dict(BLOCK_P=64 if p > 32 else 32, BLOCK_D=64 if d_cols > 32 else 32, BLOCK_T=32 if T > 16 else 16)
+        _direct_launch(grid, args, dict(HAS_BIAS=bias, **dot_flags(x.dtype)), fixed=fixed)
         return out.sum(dim=1)
     raise ValueError(f"unknown method {method!r}")
