@@ -275,14 +275,22 @@ def gaussian_noise(
     device: "torch.device | str" = "cpu",
     dtype: torch.dtype = torch.float32,
     backend: Optional[str] = None,
+    offset: int = 0,
 ) -> torch.Tensor:
     """std·z for a tensor of ``shape``, z drawn by the Philox counter scheme (element = flat index).
 
     The same draws as the noise the fused kernels add for the same key: a parameter that got no
     data this step (an unused layer, an empty Poisson batch) gets exactly its noise term.
+
+    ``offset``: the flat index, in the whole tensor the key names, of this tensor's first element:
+    the draws are elements offset .. offset + numel − 1 of that tensor's noise, computed alone (no
+    full draw is made), so a rank holding one shard of a parameter draws exactly that shard's part
+    of the one-process noise. The Triton backend has no offset in its kernel: with an offset it
+    draws with the torch reference on the same device (the same integers; normals within a float32
+    ulp or two of the kernel's).
     """
     from .ops._triton import philox_normal_triton
-    from .ops.philox import normal
+    from .ops.philox import check_offset, normal, philox_normal
 
     std = _check_noise_std(std)
     key = resolve_key(generator)
@@ -290,10 +298,16 @@ def gaussian_noise(
     numel = 1
     for s in shape:
         numel *= int(s)
+    offset = check_offset(offset, numel)
     if std == 0.0 or numel == 0:
         return torch.zeros(shape, device=device, dtype=dtype)
     impl = select_backend(device, backend)
-    z = philox_normal_triton(numel, key, device) if impl == "triton" else normal(numel, key, device)
+    if impl == "triton" and offset == 0:
+        z = philox_normal_triton(numel, key, device)
+    elif impl == "triton":
+        z = philox_normal(numel, key, device, offset)
+    else:
+        z = normal(numel, key, device, offset)
     return (z * std).to(dtype).reshape(shape)
 
 

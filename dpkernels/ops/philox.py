@@ -140,19 +140,36 @@ def _box_muller(x_hi: torch.Tensor, x_lo: torch.Tensor, x_angle: torch.Tensor) -
     return radius * torch.cos(angle), radius * torch.sin(angle)
 
 
-def philox_normal(numel: int, key: PhiloxKey, device: torch.device | str = "cpu") -> torch.Tensor:
-    """float32 standard normals for elements 0..numel-1 of the counter block ``key`` (reference)."""
+def philox_normal(numel: int, key: PhiloxKey, device: torch.device | str = "cpu", offset: int = 0) -> torch.Tensor:
+    """float32 standard normals for elements offset .. offset+numel-1 of the counter block ``key``
+    (reference). Element e is half e & 1 of pair e >> 1 whatever the offset, so a range drawn with
+    an offset is exactly that slice of the whole draw (an odd offset starts mid-pair): a rank can
+    draw the noise of its own shard of a parameter alone."""
     with phase("dpkernels.noise"):
-        return _philox_normal(numel, key, device)
+        return _philox_normal(numel, key, device, offset)
 
 
-def _philox_normal(numel: int, key: PhiloxKey, device: torch.device | str) -> torch.Tensor:
-    pair = torch.arange((numel + 1) // 2, dtype=torch.int64, device=device)
+def check_offset(offset: int, numel: int) -> int:
+    """``offset`` as an int, refused unless 0 <= offset and offset + numel fits the 64-bit pair counter."""
+    if isinstance(offset, bool) or not isinstance(offset, int):
+        raise TypeError(f"offset must be an int, got {type(offset).__name__}")
+    if offset < 0 or offset + numel > 2**64:
+        raise ValueError(f"offset must be in [0, 2**64 - numel], got {offset} (numel {numel})")
+    return offset
+
+
+def _philox_normal(numel: int, key: PhiloxKey, device: torch.device | str, offset: int = 0) -> torch.Tensor:
+    offset = check_offset(offset, numel)
+    first = offset >> 1  # the pair holding element ``offset``
+    pair = torch.arange((offset + numel + 1) // 2 - first, dtype=torch.int64, device=device)
+    if first:  # pair indices are below 2^63 (offset + numel <= 2^64): int64 holds them
+        pair = pair + first
     c2 = torch.full_like(pair, key.step)
     c3 = torch.full_like(pair, key.stream)
     x0, x1, x2, _ = philox4x32_10(pair & MASK32, (pair >> 32) & MASK32, c2, c3, key.seed_lo, key.seed_hi)
     z0, z1 = _box_muller(x0, x1, x2)
-    return torch.stack([z0, z1], dim=1).reshape(-1)[:numel]
+    start = offset & 1
+    return torch.stack([z0, z1], dim=1).reshape(-1)[start:start + numel]
 
 
 def _cpu_kernel() -> bool:
@@ -162,17 +179,18 @@ def _cpu_kernel() -> bool:
     return _cpu.available()
 
 
-def normal(numel: int, key: PhiloxKey, device: torch.device | str = "cpu") -> torch.Tensor:
+def normal(numel: int, key: PhiloxKey, device: torch.device | str = "cpu", offset: int = 0) -> torch.Tensor:
     """``philox_normal``'s draws as fast as this machine has them: the compiled CPU kernel for CPU
     tensors where it is available (integers bit for bit, normals within a float32 ulp or two of the
-    reference, and bit for bit those of the CUDA kernels), the reference otherwise."""
+    reference, and bit for bit those of the CUDA kernels), the reference otherwise. ``offset``: the
+    first element's index in the whole draw (``philox_normal``)."""
     device = torch.device(device)
     if device.type == "cpu" and numel > 0 and _cpu_kernel():
         from .. import _cpu
 
         with phase("dpkernels.noise"):
-            return _cpu.philox_normal(numel, key)
-    return philox_normal(numel, key, device)
+            return _cpu.philox_normal(numel, key, check_offset(offset, numel))
+    return philox_normal(numel, key, device, offset)
 
 
 def add_normal_(out: torch.Tensor, std: float, key: PhiloxKey) -> torch.Tensor:
