@@ -1,9 +1,11 @@
 """make_private(distributed=True): two processes (gloo, CPU) take exactly the single-process step.
 
 Each rank holds part of the batch; the update every rank applies must equal the update of one
-process on the union batch, noise included (rank 0 draws it from the same key). Also: rank 0's
-weights reach every rank, a rank with an empty batch takes part through noise_only_step, and a
-failure on one rank refuses the step on all of them.
+process on the union batch, noise included (each rank draws the noise of its own range of every
+parameter's elements, from the same key). Also: rank 0's weights reach every rank, a rank with an
+empty batch takes part through noise_only_step, a failure on one rank refuses the step on all of
+them, and the noise of a range of elements drawn alone (``offset``) is exactly that range of the
+whole draw. DDP and FSDP2: tests/test_distributed_engines.py.
 """
 from __future__ import annotations
 
@@ -127,3 +129,26 @@ def test_single_process_step_is_unchanged_by_the_rank_logic():
     F.cross_entropy(model(x), y).backward()
     with pytest.raises(FloatingPointError, match="non-finite"):
         opt.step()
+
+
+@pytest.mark.parametrize("numel,offset", [(1, 0), (1, 7), (6, 3), (33, 1), (40, 64), (2, 99)])
+def test_noise_with_an_offset_is_that_range_of_the_whole_draw(numel, offset):
+    """A rank draws only its shard: elements offset .. offset+numel-1, an odd offset starting mid-pair."""
+    from dpkernels.ops.philox import PhiloxKey, normal, philox_normal
+
+    key = PhiloxKey(0xDEADBEEF12345, step=4, stream=9)
+    whole = philox_normal(offset + numel, key)
+    assert torch.equal(philox_normal(numel, key, offset=offset), whole[offset:])
+    assert torch.equal(normal(numel, key, offset=offset), normal(offset + numel, key)[offset:])
+    noise = dpkernels.functional.gaussian_noise((numel,), std=0.25, generator=key, offset=offset, backend="torch")
+    assert torch.equal(noise, dpkernels.functional.gaussian_noise((offset + numel,), std=0.25, generator=key,
+                                                                  backend="torch")[offset:])
+
+
+def test_noise_offset_is_checked():
+    from dpkernels.ops.philox import PhiloxKey
+
+    with pytest.raises(ValueError, match="offset must be in"):
+        dpkernels.functional.gaussian_noise((3,), std=1.0, generator=PhiloxKey(1), offset=-1)
+    with pytest.raises(TypeError, match="offset must be an int"):
+        dpkernels.functional.gaussian_noise((3,), std=1.0, generator=PhiloxKey(1), offset=1.5)

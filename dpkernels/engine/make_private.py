@@ -14,6 +14,8 @@ from ..nn import fallback as _fallback
 from ..nn.module import DPModule
 from ..ops.linear_sq_norms import METHODS
 from .clipping import make_plan
+from . import fsdp as _fsdp
+from .fsdp_probe import ProbeBracket
 from .collector import StepCollector
 from .distributed import RankGroup
 from .guard import ExampleGuard
@@ -193,13 +195,21 @@ def make_private(
     ``optimizer.fallback_modules``. ``fallback=False`` refuses them instead. BatchNorm is refused
     either way.
 
-    ``distributed``: data-parallel training over torch.distributed (initialised first, one
-    process per rank; no DDP wrapper). Every rank passes the same model, the global
+    Several processes (``dpkernels.engine.distributed``; torch.distributed initialised first, one
+    process per rank): ``distributed=True`` with the plain model, or the model wrapped in
+    ``DistributedDataParallel``, or sharded with FSDP2's ``fully_shard`` (after
+    ``dpkernels.nn.convert(model)``, and with the optimizer built on the sharded parameters:
+    ``dpkernels.engine.fsdp``). Every rank passes the same model, the global
     ``expected_batch_size`` B̄ = q·N, and Poisson-samples its own disjoint shard of the data with
-    rate q. Rank 0's parameters are broadcast now; at each step the ranks' clipped sums are
-    added and rank 0 alone adds the noise, so every rank applies the update of the union batch
-    (``dpkernels.engine.distributed``). ``noise_only_step()`` is for a rank whose own batch is
-    empty; every rank must call step() or noise_only_step() each step.
+    rate q. Replicated parameters start from rank 0's (broadcast now). At each step each rank clips
+    its own examples, the ranks' clipped sums are added (all-reduce; reduce-scatter for FSDP2's
+    shards) and every element's noise is drawn once, by the rank that owns it, so every rank applies
+    exactly the update of one process on the union batch, noise included. DDP's own gradient
+    all-reduce is switched off (``require_backward_grad_sync = False``): it would reduce gradients
+    before clipping. The DDP wrapper is returned and is what the training loop calls.
+    ``noise_only_step()`` is for a rank whose own batch is empty (under FSDP2 with a ``closure``
+    running the model on public padding rows, whose clip factors are 0: its forward and backward
+    are collectives); every rank must call step() or noise_only_step() each step.
     """
     _validate_numbers(noise_multiplier, max_grad_norm, expected_batch_size, loss_reduction)
     if not isinstance(batch_first, bool):
@@ -215,18 +225,30 @@ def make_private(
     elif not (isinstance(seed, int) and 0 <= seed < 2**64):
         raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
 
-    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+    if isinstance(model, nn.DataParallel):
         raise ValueError(
-            f"make_private does not support {type(model).__name__}: its replicas and gradient "
-            "all-reduce bypass the per-example clipping path; pass the plain module, and for "
-            "several processes make_private(..., distributed=True)"
+            "make_private does not support nn.DataParallel: its replicas bypass the per-example clipping path; "
+            "use DistributedDataParallel (one process per GPU) or make_private(..., distributed=True)"
         )
     if not isinstance(distributed, bool):
         raise TypeError(f"distributed must be True or False, got {distributed!r}")
-    ranks = RankGroup(distributed)
     if not isinstance(fallback, bool):
         raise TypeError(f"fallback must be True or False, got {fallback!r}")
-    model = convert(model)
+    ddp = model if isinstance(model, nn.parallel.DistributedDataParallel) else None
+    wrapper, model = model, (ddp.module if ddp is not None else model)
+    _fsdp.refuse_fsdp1(model)
+    units = _fsdp.fsdp_modules(model)
+    if ddp is not None and units:
+        raise ValueError("a DistributedDataParallel model with FSDP2 units inside is not supported: use one of them")
+    if any(isinstance(m, nn.parallel.DistributedDataParallel) for m in model.modules()):
+        raise ValueError("DistributedDataParallel inside the model is not supported: wrap the whole model, once")
+    ranks = RankGroup(True, ddp.process_group, ddp=ddp) if ddp is not None else RankGroup(distributed or bool(units))
+    inside_units = _fsdp.modules_inside(units)
+    converted = convert(model)
+    if ddp is not None and converted is not model:
+        ddp.module = converted
+    model = converted
+    _fsdp.check_not_replaced(model, units, inside_units)
     fallbacks = _fallback.put_on_fallback(model, fallback)
     dp_modules = _check_model(model)
 
@@ -249,15 +271,27 @@ def make_private(
     trainable_layers = [n for n, m in dp_modules if any(p.requires_grad for p in m.parameters(recurse=False))]
     plan = make_plan(clipping, trainable_layers, max_grad_norm, groups, auto_clip_gamma, ties=ties.layer_groups())
 
-    ranks.broadcast_module(model)  # every rank starts from rank 0's weights
+    if units:
+        ranks.shard_with(_fsdp.FSDPSharding(model, units, param_names, plan.clips_in_backward))
+    ranks.broadcast_module(model)  # every rank starts from rank 0's replicated weights
     guard = ExampleGuard(batch_first)
+    bracket = ProbeBracket(model, guard, ranks, units) if units else None
+    if bracket is not None:  # its hooks around the guard's: before them, and after
+        bracket.attach_before_guard()
     guard.attach(model, {m: n for n, m in dp_modules if any(p.requires_grad for p in m.parameters(recurse=False))})
+    if bracket is not None:
+        bracket.attach_after_guard()
     collector = StepCollector({m: n for n, m in dp_modules}, norm_method, backend, batch_first=batch_first,
                               guard=guard)
     for _, module in dp_modules:
         module.dp_attach(collector)
     for pid, p in params.items():
         p.register_hook(_guard_param(param_names[pid]))
+    if ranks.sharding is not None:  # FSDP2's unsharded parameters are what autograd sees
+        ranks.sharding.guard_unsharded(dp_modules, _guard_param)
+    if ddp is not None:  # DDP's reducer would all-reduce gradients before clipping: it never runs
+        ddp.require_backward_grad_sync = False
+        ddp.require_forward_param_sync = False
 
     dp_optimizer = DPOptimizer(
         optimizer,
@@ -279,4 +313,4 @@ def make_private(
         ties=ties,
     )
     dp_optimizer.fallback_modules = fallbacks
-    return model, dp_optimizer
+    return (wrapper if ddp is not None else model), dp_optimizer

@@ -18,9 +18,10 @@ running sum, freeing the layers' (x, G). ``step()`` adds the last micro-batch, t
 and writes the gradients. The result equals one step on the whole logical batch, noise
 included (same counters).
 
-With ``make_private(distributed=True)`` each process clips its own examples and the ranks'
-clipped sums are added before the update, the noise drawn once by rank 0
-(``engine/distributed.py``).
+Across ranks (``make_private(distributed=True)``, a DDP- or FSDP2-wrapped model) each process
+clips its own examples; every parameter's clipped sum goes to ``RankGroup.deliver`` as soon as its
+last layer is done, and the ranks' sums are added (all-reduce, or FSDP2's reduce-scatter) with each
+element's noise drawn once, by the rank that owns it (``engine/distributed.py``, ``engine/fsdp.py``).
 
 Noise is drawn from the Philox counter (seed, step, stream = parameter index): no two
 elements of any step share a draw, and a run is reproducible from its seed. The seed is
@@ -105,6 +106,10 @@ class DPOptimizer(torch.optim.Optimizer):
         self.fallback_modules: List[Tuple[str, str]] = []
         self._optimizer_step_pre_hooks: Dict[int, Callable] = OrderedDict()
         self._optimizer_step_post_hooks: Dict[int, Callable] = OrderedDict()
+        # across ranks, a failure inside backward or accumulate() waits here for the step, where every
+        # rank refuses it (raising at once would leave the other ranks waiting in a collective)
+        self._deferred: Optional[BaseException] = None
+        self._padding = False  # the rows of the current backward are public padding (mark_padding)
         if clipping.clips_in_backward:
             collector.sink = self._clip_in_backward
 
@@ -151,6 +156,7 @@ class DPOptimizer(torch.optim.Optimizer):
         """Zero the gradients and discard anything recorded or accumulated since the last step."""
         self.original_optimizer.zero_grad(set_to_none=set_to_none)
         self._clear_step_state()
+        self._deferred = None
 
     # ---- the private step --------------------------------------------------------------
     @property
@@ -160,7 +166,8 @@ class DPOptimizer(torch.optim.Optimizer):
 
     @property
     def _local_noise_std(self) -> float:
-        """The noise this process adds: all of it, or none on ranks other than 0 (engine/distributed.py)."""
+        """The noise the fused kernels add: all of it in one process; none across ranks, where each rank
+        adds its share of the elements when the sums are reduced (engine/distributed.py)."""
         return self.noise_std if self.ranks.draws_noise else 0.0
 
     def add_param_group(self, param_group: dict) -> None:
@@ -191,7 +198,8 @@ class DPOptimizer(torch.optim.Optimizer):
         return PhiloxKey(self._seed, self.steps_taken, stream)
 
     def _trainable(self, module: nn.Module) -> List[Tuple[str, nn.Parameter]]:
-        return [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+        # canonical: under FSDP2 a module holds its unsharded parameters during forward and backward
+        return [(n, self.ranks.canonical(p)) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
 
     def max_plausible_batch_size(self) -> int:
         """The most examples one step may report: B̄ + 8√B̄ + 8. A Poisson batch of mean B̄ exceeds
@@ -230,10 +238,13 @@ class DPOptimizer(torch.optim.Optimizer):
         for name, cross in self.ties.cross_sq_norms(records, self.backend).items():
             k = self.clipping.group_of[name]  # a tie's layers share one group (clipping.make_plan)
             group_sq[k] = group_sq[k] + cross
-        return {
+        factors = {
             k: self.clipping.factors(k, sq * scale**2) * (scale / self.expected_batch_size)
             for k, sq in group_sq.items()
         }
+        if self._padding:  # public padding rows (mark_padding): each adds exactly nothing
+            factors = {k: torch.zeros_like(f) for k, f in factors.items()}
+        return factors
 
     def _check_finite(self) -> None:
         """Refuse NaN/Inf per-example norms of this (micro-)batch, naming the layer: one host sync.
@@ -266,6 +277,8 @@ class DPOptimizer(torch.optim.Optimizer):
 
     def _add_to_running_sum(self, module: nn.Module, grads: Dict[str, torch.Tensor]) -> None:
         for n, p in self._trainable(module):
+            if n not in grads:  # handed to FSDP2 inside backward (RankGroup.hand_over)
+                continue
             running = self._accumulated.get(id(p))
             self._accumulated[id(p)] = grads[n] if running is None else running.add_(grads[n])
 
@@ -274,6 +287,9 @@ class DPOptimizer(torch.optim.Optimizer):
         """Per-layer clipping: clip this layer's examples as soon as its norms exist (called by the
         collector inside backward) and keep only the running sum, not (x, G)."""
         module = record.module
+        if self._deferred is not None:  # this step failed earlier in backward on this rank
+            record.payload = None
+            return
         try:
             if not self._trainable(module):
                 record.payload = None
@@ -286,58 +302,93 @@ class DPOptimizer(torch.optim.Optimizer):
                 return
             factors = self._clip_factors(records)
             for r in records.values():
-                self._add_to_running_sum(r.module, self._clipped_sum(r.module, r, factors, 0.0, torch.float32))
-        except BaseException:
+                grads = self._clipped_sum(r.module, r, factors, 0.0, torch.float32)
+                self._add_to_running_sum(r.module, self.ranks.hand_over(r.module, grads))
+        except BaseException as e:
             self._discard()
+            if self.ranks.distributed:
+                self._deferred = e
+                return
             raise
 
     @torch.no_grad()
     def write_private_grads(self) -> None:
-        """Set every trainable parameter's .grad to its clipped, noised, averaged gradient.
+        """Set every trainable parameter's .grad to its clipped, noised, averaged gradient (in one
+        process; across ranks ``step()`` first has the ranks agree that each computed its share).
 
         Per DP layer with a record, the fused clipped sum (its noise inside the kernel); a
         parameter shared by several layers gets the sum of their clipped sums, with its noise drawn
         once, from its own stream, as does a parameter whose layers were clipped earlier
         (accumulate(), per-layer clipping) or did not run in this batch."""
-        if not self.collector.records and not self._accumulated:
+        self._write_sums(*self._prepare_private_grads())
+
+    def _prepare_private_grads(self) -> Tuple[Dict[str, LayerRecord], Dict[int, torch.Tensor]]:
+        """Every check of a step, and the clip factors: the records still to be clipped and their factors.
+        Nothing is written, so a failure here leaves every rank free to refuse the step."""
+        self._raise_deferred()
+        if not self.collector.records and not self._accumulated and not self._accumulated_examples:
             raise RuntimeError(
                 "optimizer.step() called without a backward pass since the last step (or zero_grad() "
                 "discarded it); for an empty Poisson batch call optimizer.noise_only_step()"
             )
         self._check_finite()
         pending = {n: r for n, r in self.collector.records.items() if r.payload is not None}
+        self.ranks.preflight([r.module for r in pending.values()])
         with phase("dpkernels.clip_factors"):
             factors = self._clip_factors(pending) if pending else {}
         if not pending:
             self._check_batch_size()
-        with phase("dpkernels.clipped_sums"):
-            self._write_sums(pending, factors)
+        return pending, factors
+
+    def _raise_deferred(self) -> None:
+        failure, self._deferred = self._deferred, None
+        if failure is not None:
+            raise failure
 
     def _write_sums(self, pending: Dict[str, LayerRecord], factors: Dict[int, torch.Tensor]) -> None:
-        sums: Dict[int, torch.Tensor] = {}  # id(param) -> its clipped sum so far
-        noised = set()  # the parameters whose noise is already in sums
-        for _, module in self.dp_modules:
-            params = self._trainable(module)
-            record = pending.get(self._name_of(module))
-            if not params or record is None:
-                continue
-            alone = not any(self.ties.is_tied(p) or id(p) in self._accumulated for _, p in params)
-            grads = self._clipped_sum(module, record, factors, self._local_noise_std if alone else 0.0,
-                                      None if alone else torch.float32)
-            for n, p in params:
-                sums[id(p)] = grads[n] if id(p) not in sums else sums[id(p)].add_(grads[n])
-                if alone:
-                    noised.add(id(p))
-        for name, p in self._unique_params():
-            g = sums.get(id(p))
-            running = self._accumulated.pop(id(p), None)
-            if id(p) not in noised:
-                noise = self._noise_like(p, self._key(p, name), torch.float32 if (g is not None or running is not None)
-                                         else None)
-                g = noise if g is None else g.add_(noise)
-            if running is not None:
-                g = running.add_(g)
-            p.grad = g.to(p.dtype)
+        """Every parameter's clipped sum, handed to ``RankGroup.deliver`` (in one process: its gradient)
+        as soon as the last layer using it is done, so that across ranks the sums can be reduced (under
+        FSDP2: reduce-scattered and freed, unit by unit) while the next layers' are computed."""
+        with phase("dpkernels.clipped_sums"):
+            last_use: Dict[int, int] = {}  # id(param) -> index of the last pending layer using it
+            for k, (_, module) in enumerate(self.dp_modules):
+                if self._name_of(module) in pending:
+                    for _, p in self._trainable(module):
+                        last_use[id(p)] = k
+            sums: Dict[int, torch.Tensor] = {}  # id(param) -> its clipped sum so far
+            noised = set()  # the parameters whose noise is already in sums
+            for k, (_, module) in enumerate(self.dp_modules):
+                params = self._trainable(module)
+                record = pending.get(self._name_of(module))
+                if not params or record is None:
+                    continue
+                alone = self.ranks.draws_noise and not any(
+                    self.ties.is_tied(p) or id(p) in self._accumulated for _, p in params)
+                grads = self._clipped_sum(module, record, factors, self._local_noise_std if alone else 0.0,
+                                          None if alone else torch.float32)
+                for n, p in params:
+                    sums[id(p)] = grads[n] if id(p) not in sums else sums[id(p)].add_(grads[n])
+                    if alone:
+                        noised.add(id(p))
+                for n, p in params:
+                    if last_use[id(p)] == k and id(p) in sums:
+                        self._release(self._qualified(module, n), p, sums.pop(id(p)), id(p) in noised)
+            for name, p in self._unique_params():
+                if id(p) not in last_use:
+                    self._release(name, p, None, False)
+            self.ranks.flush(self._key, self.noise_std, self.backend)
+
+    def _release(self, name: str, p: nn.Parameter, g: Optional[torch.Tensor], noised: bool) -> None:
+        """Complete ``p``'s local sum ``g`` (None: no layer of this batch used it) with what was accumulated
+        and, in one process, its noise, and deliver it."""
+        running = self._accumulated.pop(id(p), None)
+        if not noised and self.ranks.draws_noise:
+            noise = self._noise_like(p, self._key(p, name), torch.float32 if (g is not None or running is not None)
+                                     else None)
+            g = noise if g is None else g.add_(noise)
+        if running is not None:
+            g = running if g is None else running.add_(g)
+        self.ranks.deliver(name, p, g, self._key, self.noise_std, self.backend)
 
     def _unique_params(self) -> List[Tuple[str, nn.Parameter]]:
         """Every trainable parameter of the DP layers once, with its qualified name (a tied one under
@@ -367,8 +418,10 @@ class DPOptimizer(torch.optim.Optimizer):
             )
         self._check_param_groups()
         try:
+            self._raise_deferred()
             self._check_finite()
             pending = {n: r for n, r in self.collector.records.items() if r.payload is not None}
+            self.ranks.preflight([r.module for r in pending.values()])
             if pending:
                 factors = self._clip_factors(pending)
                 for _, module in self.dp_modules:
@@ -379,8 +432,12 @@ class DPOptimizer(torch.optim.Optimizer):
                 self._check_batch_size()
             self._accumulated_examples += self.collector.batch_size
             self.collector.clear()
-        except BaseException:
+            self._padding = False
+        except BaseException as e:
             self._discard()  # a half-added micro-batch must not survive into a step
+            if self.ranks.distributed:  # step() raises it here, and every rank refuses that step
+                self._deferred = e
+                return
             raise
 
     def _name_of(self, module: nn.Module) -> str:
@@ -400,6 +457,8 @@ class DPOptimizer(torch.optim.Optimizer):
         self.collector.clear()
         self._accumulated = {}
         self._accumulated_examples = 0
+        self._padding = False
+        self.ranks.end_step()
 
     def _discard(self) -> None:
         self._clear_step_state()
@@ -437,38 +496,69 @@ class DPOptimizer(torch.optim.Optimizer):
                 loss = closure()
         self._check_param_groups()
         failure: Optional[BaseException] = None
+        prepared: Tuple[Dict[str, LayerRecord], Dict[int, torch.Tensor]] = ({}, {})
         try:
-            self.write_private_grads()
+            prepared = self._prepare_private_grads()
         except BaseException as e:
             failure = e
-        self._sum_over_ranks(failure)
-        self._account()
-        self.original_optimizer.step()
-        self._finish_step()
+        self._agree(failure)
+        self._write_and_update(*prepared)
         return loss
 
-    def _sum_over_ranks(self, failure: Optional[BaseException]) -> None:
-        """Refuse the step on every rank if it failed on any (else the sum would hang or miss a
-        rank's examples), then sum the ranks' gradients (a no-op in a single process)."""
-        params = [p for _, p in self._unique_params()]  # a tied parameter's gradient summed once
+    def _agree(self, failure: Optional[BaseException]) -> None:
+        """Refuse the step on every rank if it failed on any (else a reduction would hang or miss a
+        rank's examples); in one process, raise the failure."""
+        params = [p for _, p in self._unique_params()]
         device = params[0].device if params else torch.device("cpu")
         if not self.ranks.all_succeeded(failure is None, device):
             self._discard()  # no half-written gradients, no half-consumed records survive a failed step
             if failure is not None:
                 raise failure
             raise RuntimeError("the private step failed on another rank; no update was made on any rank")
-        self.ranks.sum_([p.grad for p in params])
 
-    @torch.no_grad()
-    def noise_only_step(self) -> None:
-        """The step of an empty Poisson batch: every parameter's gradient is its noise alone."""
-        self._refuse_loss_scaling()
-        if self.collector.records or self._accumulated:
-            raise RuntimeError("noise_only_step() called after a backward pass or accumulate(): call step() instead")
-        self._check_param_groups()
-        for name, p in self._unique_params():
-            p.grad = self._noise_like(p, self._key(p, name))
-        self._sum_over_ranks(None)  # other ranks' batches may not be empty
+    def _write_and_update(self, pending: Dict[str, LayerRecord], factors: Dict[int, torch.Tensor]) -> None:
+        try:
+            self._write_sums(pending, factors)
+        except BaseException:
+            self._discard()
+            raise
         self._account()
         self.original_optimizer.step()
         self._finish_step()
+
+    def mark_padding(self) -> None:
+        """The rows of the next backward (until ``accumulate()`` or ``step()``) are public padding, not
+        training data: their clip factors are 0, so they add exactly nothing (non-finite values are
+        refused as in any step). For FSDP2, whose forward and backward are collectives every rank must
+        run: a rank with no examples for a micro-batch runs the model on padding rows instead."""
+        if self.collector.records:
+            raise RuntimeError("mark_padding() must come before the forward and backward of the padding rows")
+        self._padding = True
+
+    @torch.no_grad()
+    def noise_only_step(self, closure: Optional[Callable[[], torch.Tensor]] = None) -> None:
+        """The step of an empty Poisson batch: every parameter's gradient is its noise alone.
+
+        ``closure``: for a rank of an FSDP2 model, whose forward and backward take part in collectives
+        the other ranks wait for, so a rank with no examples must still run them. It runs the model on
+        public padding rows (not training data) and returns the loss, e.g. ``lambda: loss_fn(model(pad_x),
+        pad_y)``; the engine takes its backward with every row's clip factor set to 0, so the rows add
+        exactly nothing (non-finite values are refused as in any step), and steps."""
+        self._refuse_loss_scaling()
+        if self.collector.records or self._accumulated or self._accumulated_examples:
+            raise RuntimeError("noise_only_step() called after a backward pass or accumulate(): call step() instead")
+        self._check_param_groups()
+        if closure is not None:
+            self.mark_padding()
+            with torch.enable_grad():
+                closure().backward()
+            self.step()
+            return
+        failure: Optional[BaseException] = None
+        try:
+            self._raise_deferred()
+            self.ranks.preflight([])
+        except BaseException as e:
+            failure = e
+        self._agree(failure)  # other ranks' batches may not be empty
+        self._write_and_update({}, {})
