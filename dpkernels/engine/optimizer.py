@@ -110,6 +110,9 @@ class DPOptimizer(torch.optim.Optimizer):
         # rank refuses it (raising at once would leave the other ranks waiting in a collective)
         self._deferred: Optional[BaseException] = None
         self._padding = False  # the rows of the current backward are public padding (mark_padding)
+        # id(module) -> its trainable (name, canonical parameter) pairs, found once per step
+        # (_trainable is asked ~5 times per layer per step; requires_grad is read at its first call)
+        self._trainable_memo: Dict[int, List[Tuple[str, nn.Parameter]]] = {}
         if clipping.clips_in_backward:
             collector.sink = self._clip_in_backward
 
@@ -199,7 +202,12 @@ class DPOptimizer(torch.optim.Optimizer):
 
     def _trainable(self, module: nn.Module) -> List[Tuple[str, nn.Parameter]]:
         # canonical: under FSDP2 a module holds its unsharded parameters during forward and backward
-        return [(n, self.ranks.canonical(p)) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+        found = self._trainable_memo.get(id(module))
+        if found is None:
+            found = [(n, self.ranks.canonical(p)) for n, p in module.named_parameters(recurse=False)
+                     if p.requires_grad]
+            self._trainable_memo[id(module)] = found
+        return found
 
     def max_plausible_batch_size(self) -> int:
         """The most examples one step may report: B̄ + 8√B̄ + 8. A Poisson batch of mean B̄ exceeds
@@ -454,6 +462,7 @@ class DPOptimizer(torch.optim.Optimizer):
         )
 
     def _clear_step_state(self) -> None:
+        self._trainable_memo = {}
         self.collector.clear()
         self._accumulated = {}
         self._accumulated_examples = 0
