@@ -7,7 +7,9 @@ of the batch (one rank's shard empty in a step), through DistributedDataParallel
 What each test proves:
 
 - the update every rank applies equals the one-process update on the union batch, noise included
-  (same seed), to float32 rounding of the sum; with σ = 0 it equals a float64 per-example loop
+  (same seed), to float32 rounding of the sum — flat, automatic, group-wise and per-layer clipping,
+  gradient accumulation, a head tied to the token embedding, an unsharded root; under bf16 mixed
+  precision to bf16 rounding of the clipped sums; with σ = 0 it equals a float64 per-example loop
   (``oracle.token_model_per_example_grads``);
 - ``noise_only_step`` on every rank gives the one-process noise bit for bit: each rank draws only its
   own elements (FSDP2: its shard, at the shard's offset in the unsharded parameter), and the sum is
@@ -86,9 +88,13 @@ class TinyGPT(nn.Module):
         return self.head(self.ln_f(x))
 
 
-def make_model() -> TinyGPT:
+def make_model(tied: bool = False) -> TinyGPT:
+    """With ``tied`` the head's weight is the token embedding (GPT-2's head): one parameter, two layers."""
     torch.manual_seed(0)
-    return TinyGPT()
+    model = TinyGPT()
+    if tied:
+        model.head.weight = model.tok.weight
+    return model
 
 
 def batches():
@@ -191,7 +197,8 @@ def full_grads(model: nn.Module) -> Dict[str, torch.Tensor]:
 
 def run_case(case: dict, rank: int, world: int) -> dict:
     engine, sigma = case["engine"], case.get("sigma", 1.5)
-    model = wrap_engine(make_model(), engine, case.get("mp", False), case.get("shard_root", True))
+    model = make_model(case.get("tied", False))
+    model = wrap_engine(model, engine, case.get("mp", False), case.get("shard_root", True))
     kw = {"clipping": case.get("clipping", "flat")}
     if kw["clipping"] == "group":
         kw["groups"] = case["groups"]
@@ -359,7 +366,8 @@ def spawn(cases: dict, world: int, tmp_path: Path) -> List[dict]:
 
 def one_process(case: dict, world: int) -> dict:
     """The same steps in one process on the union batch of each step (the oracle of every rank)."""
-    model, opt = private(make_model(), case.get("sigma", 1.5), clipping=case.get("clipping", "flat"),
+    model = make_model(case.get("tied", False))
+    model, opt = private(model, case.get("sigma", 1.5), clipping=case.get("clipping", "flat"),
                          **({"groups": case["groups"]} if case.get("clipping") == "group" else {}))
     out = {"params": [], "grads": []}
     for step, (ids, target) in enumerate(batches()):
@@ -408,6 +416,8 @@ TWO_RANK_CASES = {
     "fsdp_per_layer_accumulate": {"engine": "fsdp", "clipping": "per_layer", "micro": 2},
     "fsdp_noise_only": {"engine": "fsdp", "noise_only": True, "sigma": 3.0},
     "fsdp_root_unsharded": {"engine": "fsdp", "shard_root": False},
+    "fsdp_tied_flat": {"engine": "fsdp", "tied": True},
+    "fsdp_tied_per_layer": {"engine": "fsdp", "tied": True, "clipping": "per_layer"},
     # σ = 0 and the loss scaled by 10⁶: every unclipped per-example gradient is huge
     "proof_plain": {"engine": "plain", "sigma": 0.0, "scale": 1e6},
     "proof_ddp": {"engine": "ddp", "sigma": 0.0, "scale": 1e6},
