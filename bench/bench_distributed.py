@@ -174,6 +174,8 @@ def _worker(rank: int, world: int, rendezvous: str, mode: str, cfg: models.GPTCo
     import dpkernels
 
     torch.set_num_threads(opts["threads"])
+    if os.path.exists("/sys/class/net/lo"):  # loopback only: gloo would bind the host name's address
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=300))
     try:

@@ -51,6 +51,8 @@ def _private(model, **kw):
 
 
 def _worker(rank: int, world: int, rendezvous: str, case: str, out_dir: str) -> None:
+    if os.path.exists("/sys/class/net/lo"):  # loopback only: gloo would bind the host name's address
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     try:
         model = _model(tied=case.startswith("tied"))

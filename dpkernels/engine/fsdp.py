@@ -204,7 +204,7 @@ class FSDPSharding:
         self._unit_of: Dict[int, _Unit] = {}
         self._geometry: Dict[int, Shard] = {}
         self._unsharded_to_sharded: Dict[int, nn.Parameter] = {}
-        self._step_open = False
+        self._stale = True  # the shards' .grad belong to a finished step until the next training forward
         self.group: Any = None
         self.fsdp_units = list(units)
         names = {m: n or "<root>" for n, m in model.named_modules()}
@@ -318,6 +318,18 @@ class FSDPSharding:
                 out.append((self._names[id(sharded)], p))
         return out
 
+    def attach(self, model: nn.Module) -> None:
+        """Before the first training forward of a logical step, drop the shards' .grad of the step before:
+        FSDP2's reduce-scatter adds into an existing .grad, and no rank may carry a finished step into
+        this one (cleared before any backward, so nothing of this step is lost)."""
+        def before_forward(module: nn.Module, args: tuple) -> None:
+            if self._stale and torch.is_grad_enabled():
+                self._stale = False
+                for fp in self._fsdp_param.values():
+                    fp.sharded_param.grad = None
+
+        self._step_handle = model.register_forward_pre_hook(before_forward, prepend=True)
+
     def guard_unsharded(self, dp_modules: Sequence[Tuple[str, nn.Module]],
                         hook_for: Callable[[str], Callable[[Optional[torch.Tensor]], None]]) -> None:
         """Refuse any autograd gradient reaching an unsharded DP parameter (it would be reduced unclipped):
@@ -387,10 +399,6 @@ class FSDPSharding:
                     "in backward (its unit's post-backward ran first): its clipped sum can no longer be reduced in "
                     "this step; no update will be made"
                 )
-            if not self._step_open:  # the first hand-over of a logical step: FSDP2 adds into the shards' .grad
-                self._step_open = True
-                for fp in self._fsdp_param.values():
-                    fp.sharded_param.grad = None
             g = g.to(now.dtype)
             now.grad = g if now.grad is None else now.grad.add_(g)
         return rest
@@ -401,8 +409,8 @@ class FSDPSharding:
         if self.clips_in_backward:
             if local_sum is not None:
                 raise RuntimeError(f"internal: a clipped sum of '{name}' at the step under per-layer FSDP2 clipping")
-            self._noise_shard(name, param, None if param.grad is None else param.grad.to_local(), key_of,
-                              noise_std, backend)
+            fresh = param.grad is not None and not self._stale  # else: no forward ran in this step (noise only)
+            self._noise_shard(name, param, param.grad.to_local() if fresh else None, key_of, noise_std, backend)
             return
         unit = self._unit_of[id(param)]
         unit.received[id(param)] = (name, param, local_sum)
@@ -466,7 +474,7 @@ class FSDPSharding:
     # ---- the end of a step -------------------------------------------------------------
     def end_step(self) -> None:
         """Forget unreduced deliveries and any unsharded gradient left over (a refused or zeroed step)."""
-        self._step_open = False
+        self._stale = True
         for unit in self.units:
             unit.received.clear()
         for fp in self._fsdp_param.values():

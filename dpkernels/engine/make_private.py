@@ -289,6 +289,7 @@ def make_private(
         p.register_hook(_guard_param(param_names[pid]))
     if ranks.sharding is not None:  # FSDP2's unsharded parameters are what autograd sees
         ranks.sharding.guard_unsharded(dp_modules, _guard_param)
+        ranks.sharding.attach(model)
     if ddp is not None:  # DDP's reducer would all-reduce gradients before clipping: it never runs
         ddp.require_backward_grad_sync = False
         ddp.require_forward_param_sync = False
