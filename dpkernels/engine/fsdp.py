@@ -20,6 +20,8 @@ unsharded tensors hold into the sharded parameters' .grad. The private path work
   padded layout FSDP2 uses) and frees them: on top of per-layer clipping this costs the (x, G) the
   layers keep until the step, one unit's unsharded float32 sums at a time, and the same bytes of
   reduce-scatter, not overlapped with backward (``bench/bench_distributed.py`` measures both).
+  With ``accumulate()`` the running sum between micro-batches is unsharded float32 (the model's
+  size on every rank); per-layer clipping accumulates in the shards instead.
 - **Per-layer clipping** clips each layer inside its backward (``DPOptimizer._clip_in_backward``)
   and hands the clipped sum to FSDP2 as the unsharded parameter's .grad (``hand_over``): FSDP2's own
   reduce-scatter, overlapped with the rest of backward, sums the ranks' clipped sums into the
