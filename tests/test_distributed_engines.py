@@ -500,8 +500,9 @@ def test_noise_is_the_one_process_noise_bit_for_bit(two_ranks, four_ranks, world
 @pytest.mark.parametrize("name", ["fsdp_mixed_precision_flat", "fsdp_mixed_precision_per_layer"])
 def test_mixed_precision(four_ranks, name):
     """MixedPrecisionPolicy(bf16 parameters, float32 reduce): the step is the one-process float32 step up to
-    bf16 rounding of the clipped sums (0.02, where a missing or doubled noise would be ~0.35)."""
-    assert_same([r[name] for r in four_ranks], one_process(FOUR_RANK_CASES[name], 4), name, rtol=0, atol=2e-2)
+    bf16 rounding of the clipped sums (measured: 7e-4 flat, 1.4e-3 per-layer; allowed 5e-3, where a
+    missing or doubled noise would be ~0.35 per element)."""
+    assert_same([r[name] for r in four_ranks], one_process(FOUR_RANK_CASES[name], 4), name, rtol=0, atol=5e-3)
 
 
 @pytest.mark.parametrize("name", ["proof_plain", "proof_ddp", "proof_fsdp_flat", "proof_fsdp_per_layer"])
