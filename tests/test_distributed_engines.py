@@ -55,9 +55,21 @@ SPLITS = {2: [(slice(0, 6), slice(6, 9)), (slice(0, 9), slice(9, 9))],
               (slice(0, 3), slice(3, 4), slice(4, 8), slice(8, 9))]}
 
 
-class Block(nn.Module):
+class LayerScale(nn.Module):
+    """A bare trainable vector outside any layer: clipped through the torch.func fallback."""
+
     def __init__(self) -> None:
         super().__init__()
+        self.gamma = nn.Parameter(torch.linspace(0.5, 1.5, D))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class Block(nn.Module):
+    def __init__(self, layer_scale: bool = False) -> None:
+        super().__init__()
+        self.ls = LayerScale() if layer_scale else nn.Identity()
         self.ln1 = nn.LayerNorm(D)
         self.attn = nn.MultiheadAttention(D, HEADS, batch_first=True)
         self.ln2 = nn.LayerNorm(D)
@@ -68,15 +80,15 @@ class Block(nn.Module):
         h = self.ln1(x)
         causal = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool, device=x.device).triu(1)
         x = x + self.attn(h, h, h, attn_mask=causal, need_weights=False)[0]
-        return x + self.proj(F.gelu(self.fc(self.ln2(x))))
+        return x + self.ls(self.proj(F.gelu(self.fc(self.ln2(x)))))
 
 
 class TinyGPT(nn.Module):
-    def __init__(self, n_layer: int = 2) -> None:
+    def __init__(self, n_layer: int = 2, layer_scale: bool = False) -> None:
         super().__init__()
         self.tok = nn.Embedding(V, D)
         self.pos = nn.Embedding(T, D)
-        self.blocks = nn.ModuleList(Block() for _ in range(n_layer))
+        self.blocks = nn.ModuleList(Block(layer_scale) for _ in range(n_layer))
         self.ln_f = nn.LayerNorm(D)
         self.head = nn.Linear(D, V)
 
@@ -88,10 +100,11 @@ class TinyGPT(nn.Module):
         return self.head(self.ln_f(x))
 
 
-def make_model(tied: bool = False) -> TinyGPT:
-    """With ``tied`` the head's weight is the token embedding (GPT-2's head): one parameter, two layers."""
+def make_model(tied: bool = False, layer_scale: bool = False) -> TinyGPT:
+    """With ``tied`` the head's weight is the token embedding (GPT-2's head): one parameter, two layers;
+    with ``layer_scale`` every block scales its MLP's output by a bare trainable vector."""
     torch.manual_seed(0)
-    model = TinyGPT()
+    model = TinyGPT(layer_scale=layer_scale)
     if tied:
         model.head.weight = model.tok.weight
     return model
@@ -203,7 +216,7 @@ def full_grads(model: nn.Module) -> Dict[str, torch.Tensor]:
 
 def run_case(case: dict, rank: int, world: int) -> dict:
     engine, sigma = case["engine"], case.get("sigma", 1.5)
-    model = make_model(case.get("tied", False))
+    model = make_model(case.get("tied", False), case.get("layer_scale", False))
     model = wrap_engine(model, engine, case.get("mp", False), case.get("shard_root", True))
     kw = {"clipping": case.get("clipping", "flat")}
     if kw["clipping"] == "group":
@@ -305,6 +318,9 @@ def run_refusals(case: dict, rank: int, world: int) -> dict:
     model = dpkernels.nn.convert(make_model())
     fully_shard(model, shard_placement_fn=lambda p: Shard(1) if p.dim() == 2 and p.shape[1] % world == 0 else None)
     out["shard_1"] = refusal(lambda: private(model, 1.0))
+    # a sharded trainable parameter outside any DP layer (its gradient would be reduced unclipped)
+    model = wrap_engine(make_model(layer_scale=True), "fsdp")
+    out["outside_dp_layers"] = refusal(lambda: private(model, 1.0, fallback=False))
     # FSDP2 told to average (or scale) after make_private: the reduced sum is no longer the clipped sum
     model = wrap_engine(make_model(), "fsdp")
     model, opt = private(model, 1.0)
@@ -375,7 +391,7 @@ def spawn(cases: dict, world: int, tmp_path: Path) -> List[dict]:
 
 def one_process(case: dict, world: int) -> dict:
     """The same steps in one process on the union batch of each step (the oracle of every rank)."""
-    model = make_model(case.get("tied", False))
+    model = make_model(case.get("tied", False), case.get("layer_scale", False))
     model, opt = private(model, case.get("sigma", 1.5), clipping=case.get("clipping", "flat"),
                          **({"groups": case["groups"]} if case.get("clipping") == "group" else {}))
     out = {"params": [], "grads": []}
@@ -432,6 +448,9 @@ TWO_RANK_CASES = {
     "fsdp_per_layer_then_noise_only": {"engine": "fsdp", "clipping": "per_layer", "noise_only": (1,),
                                        "zero_grad": False},
     "fsdp_per_layer_no_zero_grad": {"engine": "fsdp", "clipping": "per_layer", "zero_grad": False},
+    # a bare parameter (a layer-scale vector) clipped through the torch.func fallback, inside a sharded unit
+    "fsdp_fallback_flat": {"engine": "fsdp", "layer_scale": True},
+    "fsdp_fallback_per_layer": {"engine": "fsdp", "layer_scale": True, "clipping": "per_layer"},
     # σ = 0 and the loss scaled by 10⁶: every unclipped per-example gradient is huge
     "proof_plain": {"engine": "plain", "sigma": 0.0, "scale": 1e6},
     "proof_ddp": {"engine": "ddp", "sigma": 0.0, "scale": 1e6},
@@ -558,6 +577,7 @@ def test_a_failure_on_one_rank_refuses_the_step_on_all(failures, name):
 @pytest.mark.parametrize("what,message", [
     ("converted_after_sharding", "Call dpkernels.nn.convert(model) first, then fully_shard"),
     ("shard_1", "not Shard(0)"),
+    ("outside_dp_layers", "LayerScale 'blocks.0.ls' (gamma): no per-example clipping path"),
     ("divide_factor", "no longer reduces by plain summation"),
     ("ddp_sync_on", "gradient synchronisation was switched back on"),
     ("gradient_outside_layer", "received a gradient outside its DP layer"),
