@@ -63,9 +63,13 @@ KeyOf = Callable[[nn.Parameter, str], Any]
 
 
 def fsdp_module_class() -> Optional[type]:
+    import torch.distributed as dist
+
+    if not dist.is_available():  # a torch built without torch.distributed
+        return None
     try:
         from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # torch.distributed not built, or a torch without FSDP2
+    except ImportError:  # a torch without FSDP2
         return None
     return FSDPModule
 
@@ -77,10 +81,10 @@ def fsdp_modules(model: nn.Module) -> List[nn.Module]:
 
 
 def refuse_fsdp1(model: nn.Module) -> None:
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-    except ImportError:
+    if fsdp_module_class() is None:
         return
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
     for name, m in model.named_modules():
         if isinstance(m, FullyShardedDataParallel):
             raise ValueError(
