@@ -265,7 +265,8 @@ def summarize(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
     }
 
 
-def render(results: List[Dict[str, Any]], cfg: models.GPTConfig, opts: Dict[str, Any]) -> str:
+def render(results: List[Dict[str, Any]], cfg: models.GPTConfig, opts: Dict[str, Any],
+           load: Optional[tuple] = None) -> str:
     base = {r["mode"]: r["step_ms"] for r in results if r["world"] == 1}
     nonprivate = {(r["mode"], r["world"]): r["step_ms"] for r in results if r["mode"].endswith("nonprivate")}
     rows = []
@@ -313,7 +314,8 @@ def render(results: List[Dict[str, Any]], cfg: models.GPTConfig, opts: Dict[str,
         f"(strong scaling); {opts['warmup']} warm-up steps, median of {opts['reps']}; {opts['threads']} torch "
         f"thread(s) per rank on a {os.cpu_count()}-core machine"
         + (" — 4 ranks oversubscribe it" if (os.cpu_count() or 1) < 4 * opts["threads"] else "")
-        + f" (load average {os.getloadavg()[0]:.1f} at the end: other jobs on the machine slow every rank)"
+        + (f" (1-minute load average {load[0]:.1f} before the run and {load[1]:.1f} after it, the benchmark's own "
+           "processes included; other jobs on the machine slow every rank)" if load else "")
         + ". Memory: peak bytes of live tensor storages during one step above those live before it (exact bytes, "
         "a dispatch mode over every op); RSS is the whole process (torch itself included). Communication: the bytes "
         "each rank hands to collectives in one step (all-gather: its shard; reduce-scatter: the padded unsharded "
@@ -349,7 +351,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                             cpu_count=os.cpu_count(), loadavg_1min_before=load_before,
                             loadavg_1min_after=os.getloadavg()[0], **opts,
                             **({} if args.smoke else {"device_tag": "CPU"}))
-    md = render(results, cfg, opts)
+    md = render(results, cfg, opts, (load_before, env["loadavg_1min_after"]))
     written = common.write_results("distributed", device, env, {"results": results}, md, args.out_dir,
                                    cpu_results=not args.smoke)
     print(md)
