@@ -104,7 +104,7 @@ def test_reason_when_sources_missing(fresh_loader, monkeypatch, tmp_path):
     monkeypatch.setattr(cuda_ext, "csrc_dir", lambda: tmp_path / "csrc")
     assert cuda_ext.available() is False
     reason = cuda_ext.why_unavailable()
-    assert "CUDA sources are not at" in reason and "non-editable" in reason
+    assert "CUDA sources are not at" in reason and "reinstall from a checkout" in reason
 
 
 @pytest.mark.skipif(not _no_prebuilt(), reason="a prebuilt dpkernels._C is installed")
