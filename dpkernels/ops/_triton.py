@@ -113,6 +113,13 @@ if HAS_TRITON:
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         tl.store(out + offs, z, mask=offs < n)
 
+    @triton.jit(do_not_specialize=["offset", "seed_lo", "seed_hi", "step", "stream"])
+    def _philox_normal_offset_kernel(out, n, offset, seed_lo, seed_hi, step, stream, BLOCK: tl.constexpr):
+        # out[i] = z_{offset + i}: elements of any alignment, one Philox call each
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        z = philox_normal_tl(offs + offset, seed_lo, seed_hi, step, stream)
+        tl.store(out + offs, z, mask=offs < n)
+
     @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "step", "stream"])
     def _philox_add_noise_kernel(out_ptr, n, noise_std, seed_lo, seed_hi, step, stream, BLOCK: tl.constexpr):
         # out (contiguous float32, n elements) += noise_std · z_e, e = flat index (pairs 2q, 2q+1)
@@ -180,13 +187,22 @@ def dot_flags(dtype: torch.dtype) -> dict:
     return {"IEEE": dtype == torch.float32, "UPCAST": interpret_mode() and dtype != torch.float32}
 
 
-def philox_normal_triton(numel: int, key, device) -> torch.Tensor:
-    """The Triton generator alone (noise without a sum): same values as ops.philox.philox_normal."""
+def philox_normal_triton(numel: int, key, device, offset: int = 0) -> torch.Tensor:
+    """The Triton generator alone (noise without a sum): same values as ops.philox.philox_normal,
+    elements offset .. offset + numel − 1 of the key's draw (offset 0: one Philox call per pair of
+    elements; otherwise one per element, any alignment)."""
     out = torch.empty(numel, dtype=torch.float32, device=device)
+    if numel == 0:
+        return out
     block = 1024
-    _philox_normal_kernel[(triton.cdiv(numel, block),)](
-        out, numel, key.seed_lo, key.seed_hi, key.step, key.stream, BLOCK=block
-    )
+    if offset == 0:
+        _philox_normal_kernel[(triton.cdiv(numel, block),)](
+            out, numel, key.seed_lo, key.seed_hi, key.step, key.stream, BLOCK=block
+        )
+    else:
+        _philox_normal_offset_kernel[(triton.cdiv(numel, block),)](
+            out, numel, offset, key.seed_lo, key.seed_hi, key.step, key.stream, BLOCK=block
+        )
     return out
 
 

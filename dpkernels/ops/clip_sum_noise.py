@@ -11,8 +11,11 @@ CUDA) draws the same noise for the same key.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
+from ._library import kernel_op
 from ._triton import HAS_TRITON, tl, triton
 from .philox import PhiloxKey, add_normal_
 
@@ -67,3 +70,35 @@ def clip_sum_noise_triton(
         HAS_NOISE=noise_std != 0.0, BLOCK_B=16, BLOCK_N=block_n,
     )
     return out
+
+
+def clip_sum_noise_cuda(
+    per_example: torch.Tensor, clip_factors: torch.Tensor, noise_std: float, key: PhiloxKey
+) -> torch.Tensor:
+    """The CUDA kernel of csrc/ (``dpkernels._cuda``): per_example (B, n) → (n,)."""
+    from .. import _cuda
+
+    return _cuda.clip_sum_noise(per_example, clip_factors, noise_std, key)
+
+
+def _over_rows(impl: Callable) -> Callable:
+    """``impl`` on (B, n) rows as the op's implementation on (B, *shape) → shape."""
+    def run(per_example: torch.Tensor, clip_factors: torch.Tensor, noise_std: float, key: PhiloxKey) -> torch.Tensor:
+        B = per_example.shape[0]
+        return impl(per_example.reshape(B, -1), clip_factors, noise_std, key).reshape(per_example.shape[1:])
+
+    run.__name__ = run.__qualname__ = impl.__name__
+    return run
+
+
+def _clip_sum_noise_fake(per_example: torch.Tensor, clip_factors: torch.Tensor, noise_std: float,
+                         key: torch.Tensor) -> torch.Tensor:
+    return per_example.new_empty(per_example.shape[1:])
+
+
+# dpkernels::clip_sum_noise (ops/_library.py): (B, *shape) per-example gradients -> shape
+OP = kernel_op(
+    "clip_sum_noise", "(Tensor per_example, Tensor clip_factors, float noise_std, Tensor key) -> Tensor",
+    torch=_over_rows(clip_sum_noise_reference), triton=_over_rows(clip_sum_noise_triton),
+    cuda=_over_rows(clip_sum_noise_cuda), fake=_clip_sum_noise_fake, key_args=(3,),
+)

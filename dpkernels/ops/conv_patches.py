@@ -135,6 +135,22 @@ class ConvGeometry:
         return cls(2, shape[0], shape[1] * groups, groups, tuple(kernel), stride_t, dilation_t,
                    (*sides[0], *sides[1]), padding_mode)
 
+    def as_list(self) -> List[int]:
+        """The geometry as the ints a dpkernels op takes (with ``padding_mode`` beside it):
+        spatial_dims, out_channels, in_channels, groups, kernel (2), stride (2), dilation (2), pads (4)."""
+        return [self.spatial_dims, self.out_channels, self.in_channels, self.groups, *self.kernel, *self.stride,
+                *self.dilation, *self.pads]
+
+    @classmethod
+    def from_list(cls, values: Sequence[int], padding_mode: str) -> "ConvGeometry":
+        """The geometry ``as_list`` gave (cached: an op asks for it at every call)."""
+        return _geometry_from_list(cls, tuple(int(v) for v in values), padding_mode)
+
+    @property
+    def weight_shape(self) -> Tuple[int, ...]:
+        """(C_out, C_in/g, *kernel) in the layer's own dimensions."""
+        return (self.out_channels, self.in_channels // self.groups, *self._native(self.kernel))
+
     @property
     def patch_features(self) -> int:
         """d = C_in/g · ∏k: the columns of a group's patch matrix."""
@@ -185,6 +201,13 @@ def _geometry_cached(cls, weight_shape, stride, padding, dilation, groups, paddi
     return cls._from_args(weight_shape, stride, padding, dilation, groups, padding_mode)
 
 
+@functools.lru_cache(maxsize=1024)
+def _geometry_from_list(cls, v: Tuple[int, ...], padding_mode: str) -> ConvGeometry:
+    if len(v) != 14:
+        raise ValueError(f"a convolution geometry is 14 ints (ConvGeometry.as_list), got {len(v)}")
+    return cls(v[0], v[1], v[2], v[3], v[4:6], v[6:8], v[8:10], v[10:14], padding_mode)
+
+
 def pad_input(x: torch.Tensor, geometry: ConvGeometry) -> torch.Tensor:
     """x (B, C, *spatial) padded on every side by ``geometry.pads`` with its padding mode."""
     if not any(geometry.pads):
@@ -213,8 +236,7 @@ def clipped_weight_sum(x: torch.Tensor, grad_output: torch.Tensor, clip_factors:
     B = x.shape[0]
     scaled = grad_output.float() * clip_factors.view(B, *([1] * (grad_output.dim() - 1)))
     xp, conv_padding = pad_for_conv(x, geometry)
-    weight_shape = (geometry.out_channels, geometry.in_channels // geometry.groups, *geometry._native(geometry.kernel))
-    weight = torch.empty(weight_shape, device=x.device)  # for its shape: the values are not read
+    weight = torch.empty(geometry.weight_shape, device=x.device)  # for its shape: the values are not read
     return torch.ops.aten.convolution_backward(
         scaled, xp.float(), weight, None, list(geometry._native(geometry.stride)), list(conv_padding),
         list(geometry._native(geometry.dilation)), False, [0] * geometry.spatial_dims, geometry.groups,

@@ -1,4 +1,15 @@
-"""Squared per-example weight-gradient norms of a convolution, patches indexed in the kernel.
+"""Squared per-example gradient norms of a convolution: the op, and its direct method's kernel.
+
+The op ``dpkernels::conv_sq_norms`` (x (B, C_in, *), G (B, C_out, *out), the geometry as
+``ConvGeometry.as_list``) → float32 (B,), weight and bias:
+
+    method  "auto": the cheaper of ghost and direct for the backend (``linear_sq_norms.choose_method``,
+            ``choose_method_torch``) with L output positions as T; L = 1 is the rowwise form
+    direct  (L > 1) the kernels below, no patches; the bias term ‖Σ_l G_il‖² added
+    ghost   the linear layer's norms on the patches (``conv_patches``): the g groups of B examples
+            folded into g·B independent linear layers, (U_ij, G_ij), then summed per example
+
+The direct method:
 
 With the notation of ``conv_patches.py`` (group j, patch matrix U_ij (L × d), output gradient
 G_ij (L × C_out/g)), the direct method accumulates each (C_out/g × d) tile of G_ijᵀ U_ij over the
@@ -28,8 +39,14 @@ from __future__ import annotations
 
 import torch
 
+import math
+from typing import Callable, List
+
+from . import conv_patches as _patches
+from ._library import kernel_op
 from ._triton import HAS_TRITON, TunedLaunch, dot_flags, gemm_tile_configs, tl, triton
 from .conv_patches import ConvGeometry, pad_for_conv
+from .linear_sq_norms import choose_method, choose_method_torch, linear_sq_norms_reference, linear_sq_norms_triton
 
 # float32 elements of per-example weight gradients the torch direct method holds at once (64 MiB)
 PER_EXAMPLE_BUDGET = 1 << 24
@@ -140,3 +157,53 @@ def conv_weight_sq_norms_triton(x: torch.Tensor, grad_output: torch.Tensor, geom
     fixed = dict(BLOCK_P=32 if p_g > 16 else 16, BLOCK_D=64 if d > 32 else 32, BLOCK_L=32)
     _conv_direct_launch(grid, args, dict(KH=kh, KW=kw, **dot_flags(x.dtype)), fixed=fixed)
     return out.sum(dim=1).view(B, groups).sum(dim=1)
+
+
+# ---------------------------------------------------------------- the op ------------------
+
+
+def _conv_sq_norms(x: torch.Tensor, grad_output: torch.Tensor, geometry: ConvGeometry, bias: bool, method: str,
+                   choose: Callable, direct: Callable, linear: Callable) -> torch.Tensor:
+    """The composition of the module docstring, with one backend's method choice and kernels."""
+    L = math.prod(grad_output.shape[2:])
+    p_g = geometry.out_channels // geometry.groups
+    if method == "auto" and L > 1:
+        method = choose(L, geometry.patch_features, p_g)
+    if method == "direct" and L > 1:  # no patches: the kernel indexes them, torch convolves per example
+        norms = direct(x, grad_output, geometry)
+        if bias:
+            norms = norms + grad_output.sum(dim=tuple(range(2, grad_output.dim())), dtype=torch.float32).square().sum(1)
+        return norms
+    patches = _patches.input_patches(x, geometry)  # (g, B, L, d)
+    rows = _patches.output_gradient_rows(grad_output, geometry)  # (g, B, L, C_out/g)
+    g, B, L, d = patches.shape
+    # the g groups of B examples as g·B independent linear layers, then summed per example
+    norms = linear(patches.reshape(g * B, L, d), rows.view(g * B, L, rows.shape[-1]), bias,
+                   "rowwise" if L == 1 else method)
+    return norms.view(g, B).sum(dim=0)
+
+
+def conv_sq_norms_torch(x: torch.Tensor, grad_output: torch.Tensor, geometry: List[int], padding_mode: str,
+                        bias: bool, method: str) -> torch.Tensor:
+    """The op on the torch backend (its own method choice: full Gram matrices, per-example convolutions)."""
+    return _conv_sq_norms(x, grad_output, ConvGeometry.from_list(geometry, padding_mode), bias, method,
+                          choose_method_torch, conv_weight_sq_norms_reference, linear_sq_norms_reference)
+
+
+def conv_sq_norms_fused(x: torch.Tensor, grad_output: torch.Tensor, geometry: List[int], padding_mode: str,
+                        bias: bool, method: str) -> torch.Tensor:
+    """The op on the Triton backend (implicit patches for the direct method)."""
+    return _conv_sq_norms(x, grad_output, ConvGeometry.from_list(geometry, padding_mode), bias, method,
+                          choose_method, conv_weight_sq_norms_triton, linear_sq_norms_triton)
+
+
+def _conv_sq_norms_fake(x: torch.Tensor, grad_output: torch.Tensor, geometry: List[int], padding_mode: str,
+                        bias: bool, method: str) -> torch.Tensor:
+    return x.new_empty(x.shape[0], dtype=torch.float32)
+
+
+# dpkernels::conv_sq_norms (ops/_library.py)
+OP = kernel_op(
+    "conv_sq_norms", "(Tensor x, Tensor grad_output, int[] geometry, str padding_mode, bool bias, str method) -> Tensor",
+    torch=conv_sq_norms_torch, triton=conv_sq_norms_fused, fake=_conv_sq_norms_fake,
+)

@@ -59,6 +59,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
+from ._library import kernel_op
 from ._tiles import ghost_block_t, upper_triangle_pairs
 from ._triton import HAS_TRITON, TunedLaunch, add_noise_triton_, configs, dot_flags, tl, triton
 from .philox import PhiloxKey, add_normal_
@@ -270,3 +271,44 @@ def embedding_clipped_grad_triton(
     acc = _clipped_row_sum(tokens, g, clip_factors, num_embeddings, padding_idx)
     add_noise_triton_(acc, noise_std, key)
     return acc.to(out_dtype or g.dtype)
+
+
+# ---------------------------------------------------------------- the ops -----------------
+
+
+def _embedding_sq_norms_triton(tokens: torch.Tensor, g: torch.Tensor, num_embeddings: int,
+                               padding_idx: int) -> torch.Tensor:
+    return embedding_sq_norms_triton(tokens, g, padding_idx)
+
+
+def _sq_norms_fake(tokens: torch.Tensor, g: torch.Tensor, num_embeddings: int, padding_idx: int) -> torch.Tensor:
+    return g.new_empty(g.shape[0], dtype=torch.float32)
+
+
+def _per_example_fake(tokens: torch.Tensor, g: torch.Tensor, num_embeddings: int, padding_idx: int) -> torch.Tensor:
+    return g.new_empty((g.shape[0], num_embeddings, g.shape[2]), dtype=torch.float32)
+
+
+def _clipped_grad_fake(tokens: torch.Tensor, g: torch.Tensor, clip_factors: torch.Tensor, num_embeddings: int,
+                       padding_idx: int, noise_std: float, key: torch.Tensor,
+                       out_dtype: Optional[torch.dtype]) -> torch.Tensor:
+    return g.new_empty((num_embeddings, g.shape[2]), dtype=out_dtype or g.dtype)
+
+
+# dpkernels::embedding_* (ops/_library.py): tokens (B, T), G (B, T, p); padding_idx -1 for none
+SQ_NORMS = kernel_op(
+    "embedding_sq_norms", "(Tensor tokens, Tensor grad_output, int num_embeddings, int padding_idx) -> Tensor",
+    torch=embedding_sq_norms_reference, triton=_embedding_sq_norms_triton, fake=_sq_norms_fake,
+)
+PER_EXAMPLE_GRADS = kernel_op(
+    "embedding_per_example_grads",
+    "(Tensor tokens, Tensor grad_output, int num_embeddings, int padding_idx) -> Tensor",
+    torch=embedding_per_example_grads_reference, fake=_per_example_fake,
+)
+CLIPPED_GRAD = kernel_op(
+    "embedding_clipped_grad",
+    "(Tensor tokens, Tensor grad_output, Tensor clip_factors, int num_embeddings, int padding_idx, float noise_std, "
+    "Tensor key, ScalarType? out_dtype) -> Tensor",
+    torch=embedding_clipped_grad_reference, triton=embedding_clipped_grad_triton, fake=_clipped_grad_fake,
+    key_args=(6,),
+)

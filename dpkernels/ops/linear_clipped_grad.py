@@ -14,13 +14,20 @@ so float32 master weights trained on bfloat16 activations get an unrounded float
 
 The bias gradient Σ_i c_i Σ_t G_it + σ_n·z is the clip-sum-noise of the (B, p) per-example
 bias gradients (``clip_sum_noise.py``; the torch reference sums the rows of c∘G it already
-has), drawn with its own counter stream.
+has), drawn with its own counter stream: stream + 1 of the weight's key (``PhiloxKey.next_stream``).
+
+The op ``dpkernels::linear_clipped_grad`` returns (grad_W, grad_b or None) from x (B, T, d) and
+G (B, T, p); on the ``cuda`` backend the bias goes through the CUDA clip-sum-noise kernel.
 """
 from __future__ import annotations
 
+from typing import Callable, Optional, Tuple
+
 import torch
 
+from ._library import kernel_op
 from ._triton import HAS_TRITON, TunedLaunch, dot_flags, gemm_tile_configs, tl, triton
+from .clip_sum_noise import clip_sum_noise_cuda, clip_sum_noise_triton
 from .philox import PhiloxKey, add_normal_
 
 
@@ -124,3 +131,48 @@ def linear_clipped_grad_triton(
     _clipped_grad_launch(grid, args, dict(HAS_NOISE=noise_std != 0.0, ALIGNED2=d % 2 == 0, **dot_flags(x.dtype)),
                          fixed=fixed)
     return out
+
+
+# ---------------------------------------------------------------- the op ------------------
+
+
+def linear_clipped_grad_torch(
+    x: torch.Tensor, g: torch.Tensor, clip_factors: torch.Tensor, noise_std: float, key: PhiloxKey,
+    out_dtype: Optional[torch.dtype], bias: bool,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The op on the torch backend: the reference, the bias from the same scaled rows."""
+    bias_key = key.next_stream() if bias else None
+    return linear_clipped_grad_reference(x, g, clip_factors, noise_std, key, out_dtype, bias_key)
+
+
+def _with_bias(bias_sum: Callable) -> Callable:
+    """The weight by the Triton GEMM, the bias by ``bias_sum`` (a clip-sum-noise of (B, p) rows)."""
+    def run(x: torch.Tensor, g: torch.Tensor, clip_factors: torch.Tensor, noise_std: float, key: PhiloxKey,
+            out_dtype: Optional[torch.dtype], bias: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        bias_key = key.next_stream() if bias else None
+        grad_w = linear_clipped_grad_triton(x, g, clip_factors, noise_std, key, out_dtype)
+        grad_b = None
+        if bias:
+            per_example_bias = g.sum(dim=1, dtype=torch.float32)
+            grad_b = bias_sum(per_example_bias, clip_factors, noise_std, bias_key).to(out_dtype or x.dtype)
+        return grad_w, grad_b
+
+    run.__name__ = run.__qualname__ = f"linear_clipped_grad_with_{bias_sum.__name__}"
+    return run
+
+
+def _linear_clipped_grad_fake(x: torch.Tensor, g: torch.Tensor, clip_factors: torch.Tensor, noise_std: float,
+                              key: torch.Tensor, out_dtype: Optional[torch.dtype], bias: bool):
+    dtype = out_dtype or x.dtype
+    p, d = g.shape[2], x.shape[2]
+    return x.new_empty((p, d), dtype=dtype), (x.new_empty((p,), dtype=dtype) if bias else None)
+
+
+# dpkernels::linear_clipped_grad (ops/_library.py): x (B, T, d), G (B, T, p) -> [grad_W (p, d), grad_b (p,)?]
+OP = kernel_op(
+    "linear_clipped_grad",
+    "(Tensor x, Tensor grad_output, Tensor clip_factors, float noise_std, Tensor key, ScalarType? out_dtype, "
+    "bool bias) -> Tensor[]",
+    torch=linear_clipped_grad_torch, triton=_with_bias(clip_sum_noise_triton), cuda=_with_bias(clip_sum_noise_cuda),
+    fake=_linear_clipped_grad_fake, key_args=(4,), optional_outputs=True,
+)

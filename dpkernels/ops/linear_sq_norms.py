@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import torch
 
+from ._library import kernel_op
 from ._tiles import ghost_block_t, upper_triangle_pairs
 from ._triton import HAS_TRITON, TunedLaunch, configs, dot_flags, gemm_tile_configs, tl, triton
 
@@ -267,3 +268,12 @@ def linear_sq_norms_triton(x: torch.Tensor, g: torch.Tensor, bias: bool, method:
         _direct_launch(grid, args, dict(HAS_BIAS=bias, **dot_flags(x.dtype)), fixed=fixed)
         return out.sum(dim=1)
     raise ValueError(f"unknown method {method!r}")
+
+
+def _sq_norms_fake(x: torch.Tensor, g: torch.Tensor, bias: bool, method: str) -> torch.Tensor:
+    return x.new_empty(x.shape[0], dtype=torch.float32)
+
+
+# dpkernels::linear_sq_norms (ops/_library.py): x (B, T, d), G (B, T, p) -> float32 (B,)
+OP = kernel_op("linear_sq_norms", "(Tensor x, Tensor grad_output, bool bias, str method) -> Tensor",
+               torch=linear_sq_norms_reference, triton=linear_sq_norms_triton, fake=_sq_norms_fake)

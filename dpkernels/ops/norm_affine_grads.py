@@ -28,6 +28,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from ._library import kernel_op
 from ._triton import HAS_TRITON, tl, triton
 
 
@@ -136,3 +137,22 @@ def norm_affine_grads_triton(
         BLOCK_R=block_r, BLOCK_N=block_n,
     )
     return (gw.sum(dim=1) if gw is not None else None), (gb.sum(dim=1) if gb is not None else None)
+
+
+def _norm_affine_grads_fake(
+    x: torch.Tensor, g: torch.Tensor, mean: Optional[torch.Tensor], rstd: torch.Tensor,
+    group: int, per_position: bool, want_weight: bool, want_bias: bool,
+) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    B, n = x.shape[0], x.shape[2]
+    return (x.new_empty((B, n), dtype=torch.float32) if want_weight else None,
+            x.new_empty((B, n), dtype=torch.float32) if want_bias else None)
+
+
+# dpkernels::norm_affine_grads (ops/_library.py): x, G (B, R, n) -> [gw (B, n)?, gb (B, n)?], float32
+OP = kernel_op(
+    "norm_affine_grads",
+    "(Tensor x, Tensor grad_output, Tensor? mean, Tensor rstd, int group, bool per_position, bool want_weight, "
+    "bool want_bias) -> Tensor[]",
+    torch=norm_affine_grads_reference, triton=norm_affine_grads_triton, fake=_norm_affine_grads_fake,
+    optional_outputs=True,
+)

@@ -89,8 +89,37 @@ class PhiloxKey:
     def seed_hi(self) -> int:
         return (self.seed >> 32) & MASK32
 
+    def next_stream(self) -> "PhiloxKey":
+        """The key of stream + 1, where a weight's bias draws its noise (linear and conv layers)."""
+        if self.stream == 2**32 - 1:
+            raise ValueError("the bias draws from stream + 1: the weight's stream must be below 2**32 - 1")
+        return PhiloxKey(self.seed, self.step, self.stream + 1)
 
-def resolve_key(generator: "PhiloxKey | torch.Generator | None") -> PhiloxKey:
+    def as_tensor(self) -> torch.Tensor:
+        """The key as an int64 CPU tensor [seed_lo, seed_hi, step, stream]: the form the dpkernels
+        operators take (``dpkernels/ops/_library.py``), which a compiled graph reads when it runs."""
+        return torch.tensor([self.seed_lo, self.seed_hi, self.step, self.stream], dtype=torch.int64)
+
+    @classmethod
+    def from_tensor(cls, key: torch.Tensor) -> "PhiloxKey":
+        """The key an ``as_tensor`` tensor holds (read on the host: keep key tensors on the CPU)."""
+        check_key_tensor(key)
+        lo, hi, step, stream = (int(v) for v in key.tolist())
+        for name, v in (("seed_lo", lo), ("seed_hi", hi)):
+            if not 0 <= v < 2**32:
+                raise ValueError(f"a key tensor's {name} must be in [0, 2**32), got {v}")
+        return cls((hi << 32) | lo, step, stream)
+
+
+def check_key_tensor(key: torch.Tensor) -> torch.Tensor:
+    """Refuse a tensor that is not an int64 key [seed_lo, seed_hi, step, stream]."""
+    if key.dtype != torch.int64 or tuple(key.shape) != (4,):
+        raise ValueError(f"a key tensor is int64 [seed_lo, seed_hi, step, stream] of shape (4,), got {key.dtype} "
+                         f"{tuple(key.shape)}")
+    return key
+
+
+def resolve_key(generator: "PhiloxKey | torch.Generator | torch.Tensor | None") -> "PhiloxKey | torch.Tensor":
     """Turn the ``generator`` argument of the functional API into a PhiloxKey.
 
     - ``PhiloxKey``: used as is (the caller owns the counter scheme, as the engine does).
@@ -99,7 +128,21 @@ def resolve_key(generator: "PhiloxKey | torch.Generator | None") -> PhiloxKey:
     - ``None``: a fresh key from the operating system's CSPRNG. Never torch's default
       generator: its seed is a fixed constant unless the user sets one, so noise drawn
       from it would be predictable.
+    - an int64 tensor [seed_lo, seed_hi, step, stream] (``PhiloxKey.as_tensor``): that key. For
+      compiled code: a key tensor is read when the graph runs, so neither the step's counter nor
+      the secret seed becomes a constant of the graph.
+
+    While torch.compile traces, the result is the key as a tensor: the key of a ``PhiloxKey`` (its
+    ints are guarded like any Python value the graph depends on), a tensor key as it is, and for
+    ``None`` or a ``torch.Generator`` a fresh key drawn outside the graph at every call, never a
+    constant baked into it.
     """
+    if torch.compiler.is_compiling():
+        if isinstance(generator, torch.Tensor):
+            return check_key_tensor(generator)
+        if isinstance(generator, PhiloxKey):
+            return generator.as_tensor()
+        return _fresh_key_tensor(generator)
     if isinstance(generator, PhiloxKey):
         return generator
     if generator is None:
@@ -108,9 +151,23 @@ def resolve_key(generator: "PhiloxKey | torch.Generator | None") -> PhiloxKey:
         hi = int(torch.randint(0, 2**32, (1,), generator=generator, dtype=torch.int64))
         lo = int(torch.randint(0, 2**32, (1,), generator=generator, dtype=torch.int64))
         return PhiloxKey((hi << 32) | lo)
+    if isinstance(generator, torch.Tensor):
+        return PhiloxKey.from_tensor(generator)
     raise TypeError(
-        f"generator must be a dpkernels PhiloxKey, a torch.Generator or None, got {type(generator).__name__}"
+        "generator must be a dpkernels PhiloxKey, a torch.Generator, an int64 key tensor or None, got "
+        f"{type(generator).__name__}"
     )
+
+
+@torch.compiler.disable
+def _fresh_key_tensor(generator: "torch.Generator | None") -> torch.Tensor:
+    """A fresh key drawn at run time, outside any compiled graph, as a key tensor."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            "generator must be a dpkernels PhiloxKey, a torch.Generator, an int64 key tensor or None, got "
+            f"{type(generator).__name__}"
+        )
+    return resolve_key(generator).as_tensor()
 
 
 def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import torch
 
+from ._library import kernel_op
 from ._triton import HAS_TRITON, dot_flags, tl, triton
 
 # examples per reference chunk: the (chunk, S, T) products stay under 2^24 elements
@@ -169,3 +170,28 @@ def token_linear_cross_triton(tokens: torch.Tensor, g_emb: torch.Tensor, x: torc
         **dot_flags(x.dtype), BLOCK_S=block_s, BLOCK_T=block_t, BLOCK_K=32,
     )
     return out.sum(dim=1)
+
+
+# ---------------------------------------------------------------- the ops -----------------
+
+
+def _cross_fake(*args) -> torch.Tensor:
+    first = args[0]
+    return args[1].new_empty(first.shape[0], dtype=torch.float32)
+
+
+# dpkernels::*_cross (ops/_library.py): float32 (B,) cross terms; padding_idx -1 for none
+TOKEN_LINEAR = kernel_op(
+    "embedding_linear_cross",
+    "(Tensor tokens, Tensor grad_embedding, Tensor x, Tensor grad_head, int padding_idx) -> Tensor",
+    torch=token_linear_cross_reference, triton=token_linear_cross_triton, fake=_cross_fake,
+)
+LINEAR_LINEAR = kernel_op(
+    "linear_linear_cross", "(Tensor x1, Tensor grad1, Tensor x2, Tensor grad2) -> Tensor",
+    torch=linear_linear_cross_reference, fake=_cross_fake,
+)
+TOKEN_TOKEN = kernel_op(
+    "embedding_embedding_cross",
+    "(Tensor tokens1, Tensor grad1, Tensor tokens2, Tensor grad2, int padding_idx) -> Tensor",
+    torch=token_token_cross_reference, fake=_cross_fake,
+)
