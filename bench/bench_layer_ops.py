@@ -45,10 +45,10 @@ from typing import Any, Callable, Dict, List, Optional
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import torch  # noqa: E402
+
 from bench import common  # noqa: E402
 from bench.common import fmt_bytes, md_table  # noqa: E402
-
-import torch  # noqa: E402
 
 # (B, T, V, p): GPT-2 tokens, a LLaMA-sized table with long sequences, T = 1 (a lookup per example)
 EMBEDDING_SHAPES = [(32, 256, 50257, 768), (8, 2048, 32000, 4096), (256, 1, 50257, 768)]

@@ -33,10 +33,10 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import torch  # noqa: E402
+
 from bench import common  # noqa: E402
 from bench.common import fmt_bytes, md_table  # noqa: E402
-
-import torch  # noqa: E402
 
 SHAPES = [(32, 256, 768, 768), (32, 256, 768, 3072), (32, 1024, 768, 2304), (16, 2048, 4096, 4096), (256, 1, 1024, 1024)]
 SMOKE_SHAPES = [(2, 16, 32, 48), (2, 40, 24, 16), (8, 1, 32, 32)]

@@ -45,11 +45,11 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import common, models  # noqa: E402
-from bench.common import fmt_bytes, md_table  # noqa: E402
-
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
+
+from bench import common, models  # noqa: E402
+from bench.common import fmt_bytes, md_table  # noqa: E402
 
 # noise that says nothing about speed: Opacus' secure-RNG notice, the full-backward-hook notice
 # of its ghost mode, torch.func's "no batching rule" notice for SDPA (the naive mode then loops

@@ -19,10 +19,10 @@ os.environ.pop("TRITON_INTERPRET", None)
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+import compile_kernels_sm90 as ck  # noqa: E402
 import triton  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-import compile_kernels_sm90 as ck  # noqa: E402
 from dpkernels.ops import _triton as kt  # noqa: E402
 from dpkernels.ops import linear_clipped_grad as lcg  # noqa: E402
 from dpkernels.ops import linear_sq_norms as lsn  # noqa: E402

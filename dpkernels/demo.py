@@ -163,7 +163,7 @@ def train(
                 optimizer.noise_only_step()
             continue
 
-        def one_step() -> None:
+        def one_step(idx: torch.Tensor = idx) -> None:
             optimizer.zero_grad()
             loss = task.loss(model, idx)
             loss.backward()

@@ -15,7 +15,7 @@ import torch
 
 if not torch.cuda.is_available():
     if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-        warnings.warn("triton was imported before tests/conftest.py could set TRITON_INTERPRET=1")
+        warnings.warn("triton was imported before tests/conftest.py could set TRITON_INTERPRET=1", stacklevel=1)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402

@@ -246,13 +246,13 @@ def test_several_steps_keep_matching_the_oracle(device, backend):
     model, x, t, loss_kind = data("seq-sq", device)
     shadow = copy.deepcopy(model)
     model, opt = private(model, lr=0.05, max_grad_norm=0.5, expected_batch_size=4, backend=backend)
-    for step in range(3):
+    for _ in range(3):
         per_example = model_per_example_grads(shadow, x, t, loss_kind)
         expected, _ = flat_clipped_mean(per_example, 0.5, 4)
         one_step(model, opt, x, t, loss_kind, "mean")
         assert_grads_close(model, expected)
         with torch.no_grad():
-            for (n, p), (_, q) in zip(model.named_parameters(), shadow.named_parameters()):
+            for (_, p), (_, q) in zip(model.named_parameters(), shadow.named_parameters()):
                 q.copy_(p)
     assert opt.steps_taken == 3
 
@@ -383,7 +383,7 @@ def test_noise_only_step(device, backend):
     )
     for step in range(2):
         opt.noise_only_step()
-        for i, (n, p) in enumerate(model.named_parameters()):
+        for i, (_, p) in enumerate(model.named_parameters()):
             ref = 1.5 * 2.0 / 10 * philox_normal(p.numel(), PhiloxKey(99, step, i), device).view(p.shape)
             torch.testing.assert_close(p.grad, ref, rtol=1e-5, atol=1e-6)
     assert opt.steps_taken == 2 and len(acc.calls) == 2

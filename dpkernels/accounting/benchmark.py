@@ -93,11 +93,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             ref_single = None
             for n in STEPS:
                 pld_acc = PLDAccountant().step(sigma, q, n)
-                e_pld0, t_pld = _timed(lambda: pld_acc.epsilon(DELTAS[0]))
+                e_pld0, t_pld = _timed(lambda acc=pld_acc: acc.epsilon(DELTAS[0]))
                 rdp_acc = RDPAccountant().step(sigma, q, n)
                 rdp_acc_fresh = RDPAccountant().step(sigma, q, n)
                 _rdp_one.cache_clear()  # time the RDP from scratch
-                _, t_rdp = _timed(lambda: rdp_acc_fresh.epsilon(DELTAS[0]))
+                _, t_rdp = _timed(lambda acc=rdp_acc_fresh: acc.epsilon(DELTAS[0]))
                 max_pld_t, max_rdp_t = max(max_pld_t, t_pld), max(max_rdp_t, t_rdp)
                 dp_p = dp_r = None
                 if dp is not None and not (q == 1.0 and n == 10_000):  # dp takes up to 17 s there
@@ -138,7 +138,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     for target, delta, q, n in [(3.0, 1e-5, 0.01, 1000), (1.0, 1e-5, 0.004, 10_000), (8.0, 1e-6, 0.1, 10_000),
                                 (0.5, 1e-5, 1e-3, 10_000)]:
         for name in ("pld", "rdp"):
-            sigma, t = _timed(lambda: calibrate_noise_multiplier(target, delta, q, n, accountant=name))
+            sigma, t = _timed(lambda args=(target, delta, q, n), name=name: calibrate_noise_multiplier(*args, accountant=name))
             print(f"| {target:g}, {delta:g}, {q:g}, {n} | {name} | {sigma:.4g} | {t:.2f} |")
     return 0
 
