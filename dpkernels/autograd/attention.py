@@ -21,6 +21,8 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
+from ._record import record
+
 
 class DPPackedProjectionFunction(torch.autograd.Function):
     @staticmethod
@@ -33,8 +35,7 @@ class DPPackedProjectionFunction(torch.autograd.Function):
     def backward(ctx: Any, grad_output: torch.Tensor):
         x, weight = ctx.saved_tensors
         grad_input = grad_output @ weight.to(grad_output.dtype) if ctx.needs_input_grad[0] else None
-        payload = ("packed", ((x, grad_output),))
-        ctx.collector.record(payload, payload)
+        record(ctx.collector, "packed", x, grad_output)
         return grad_input, None, None, None
 
 
@@ -54,6 +55,5 @@ class DPSplitProjectionFunction(torch.autograd.Function):
         grads = []
         for i, (g, w) in enumerate(((g_q, w_q), (g_k, w_k), (g_v, w_v))):
             grads.append(g @ w.to(g.dtype) if ctx.needs_input_grad[i] else None)
-        payload = ("split", ((query, g_q), (key, g_k), (value, g_v)))
-        ctx.collector.record(payload, payload)
+        record(ctx.collector, "split", query, g_q, key, g_k, value, g_v)
         return (*grads, None, None, None, None, None, None, None)

@@ -14,6 +14,8 @@ from typing import Any, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from ._record import record
+
 
 class DPConvFunction(torch.autograd.Function):
     @staticmethod
@@ -45,5 +47,5 @@ class DPConvFunction(torch.autograd.Function):
                 grad_output, x, weight.to(x.dtype), None, stride, padding, dilation, False, [0] * len(stride), groups,
                 [True, False, False],
             )[0]
-        ctx.collector.record((x, grad_output), x, grad_output)
+        record(ctx.collector, "pair", x, grad_output)
         return grad_input, None, None, None, None, None, None, None

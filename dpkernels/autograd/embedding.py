@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from .. import functional
 from ..ops.embedding_grads import choose_embedding_method
+from ._record import record
 
 
 class DPEmbeddingFunction(torch.autograd.Function):
@@ -38,7 +39,7 @@ class DPEmbeddingFunction(torch.autograd.Function):
         if choose_embedding_method(B, tokens.numel() // max(B, 1), V, p) == "per_example":
             per_example = functional.embedding_per_example_grads(
                 tokens, grad_output, num_embeddings=V, padding_idx=ctx.padding_idx, check_ids=False)
-            ctx.collector.record(("per_example", per_example), "per_example", per_example)
+            record(ctx.collector, "per_example", per_example)
         else:
-            ctx.collector.record(("rows", tokens, grad_output), "rows", tokens, grad_output)
+            record(ctx.collector, "rows", tokens, grad_output)
         return None, None, None, None, None

@@ -14,6 +14,8 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
+from ._record import record
+
 
 class DPLinearFunction(torch.autograd.Function):
     @staticmethod
@@ -30,5 +32,5 @@ class DPLinearFunction(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         grad_input = grad_output @ weight.to(grad_output.dtype) if ctx.needs_input_grad[0] else None
         x, grad_output = ctx.layout.batch_first(x), ctx.layout.batch_first(grad_output)
-        ctx.collector.record((x, grad_output), x, grad_output)
+        record(ctx.collector, "pair", x, grad_output)
         return grad_input, None, None, None, None

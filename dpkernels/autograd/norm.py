@@ -14,15 +14,19 @@ from typing import Any, Optional, Tuple
 import torch
 
 from .. import functional
+from ._record import record
 
 
 def _record(collector: Any, gw: Optional[torch.Tensor], gb: Optional[torch.Tensor]) -> None:
-    grads = {}
-    if gw is not None:
-        grads["weight"] = gw
-    if gb is not None:
-        grads["bias"] = gb
-    collector.record(grads, *grads.values())
+    """Record the per-example affine gradients there are (payload {"weight": gw, "bias": gb})."""
+    if gw is not None and gb is not None:
+        record(collector, "weight,bias", gw, gb)
+    elif gw is not None:
+        record(collector, "weight", gw)
+    elif gb is not None:
+        record(collector, "bias", gb)
+    else:
+        record(collector, "none")
 
 
 class DPLayerNormFunction(torch.autograd.Function):

@@ -1,10 +1,12 @@
 """What one private step gathers during backward: per-layer squared norms and payloads.
 
 Each DP module's autograd function calls ``record`` once per step with the tensors its
-clipped-sum pass will need (for a linear layer: x and G). ``record`` computes the layer's
-per-example squared norms right away (the fused norm kernels) and keeps the payload until
-``DPOptimizer.step`` turns everything into clipped, noised gradients. Under per-layer clipping
-the optimizer's ``sink`` clips each layer as soon as it is recorded and frees its payload.
+clipped-sum pass will need (for a linear layer: x and G), directly in eager code and through the
+``dpkernels::record`` op in a compiled backward (``dpkernels.autograd._record``). ``record``
+computes the layer's per-example squared norms right away (the fused norm kernels) and keeps the
+payload until ``DPOptimizer.step`` turns everything into clipped, noised gradients. Under
+per-layer clipping the optimizer's ``sink`` clips each layer as soon as it is recorded and frees
+its payload.
 """
 from __future__ import annotations
 
@@ -12,7 +14,9 @@ from typing import Any, Callable, Dict, Optional
 
 import torch
 import torch.nn as nn
+from torch.utils import _pytree as pytree
 
+from ..autograd._record import register_site
 from ..ops._phases import phase
 from .guard import ExampleGuard
 
@@ -27,14 +31,20 @@ class LayerRecord:
 
 
 class ModuleCollector:
-    """The handle a DP module's autograd function reports to."""
+    """The handle a DP module's autograd function reports to (its "site"; ``site_id`` finds it from
+    a compiled graph)."""
 
     def __init__(self, step: "StepCollector", module: nn.Module, name: str) -> None:
         self.step = step
         self.module = module
         self.name = name
+        self.site_id = register_site(self)
 
-    def record(self, payload: Any, *norm_inputs: torch.Tensor) -> None:
+    def record(self, payload: Any, *norm_inputs: torch.Tensor,
+               keep: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> None:
+        """The layer's per-example squared norms from ``norm_inputs``, and its ``payload`` kept for the
+        step. ``keep``: applied to every tensor of a payload that outlives this call (a compiled
+        backward's buffers are copied: the compiler may reuse them once the call returns)."""
         if self.step.guard.mode == "probe":  # the guard's probe runs backward to check gradient flow only
             return
         with phase("dpkernels.norms"):
@@ -43,6 +53,8 @@ class ModuleCollector:
         self.step.add(self.name, record)
         if self.step.sink is not None:  # per-layer clipping: clipped now, the payload freed
             self.step.sink(self.name, record)
+        if keep is not None and record.payload is not None:
+            record.payload = pytree.tree_map(lambda t: keep(t) if isinstance(t, torch.Tensor) else t, record.payload)
 
 
 class StepCollector:

@@ -50,6 +50,8 @@ from torch.utils import _pytree as pytree
 
 LAYOUTS = ("batch", "broadcast", "flattened")
 
+_UNKNOWN = object()  # the exception at a model call's entry, where a traced pre-hook could not read it
+
 
 @dataclass(frozen=True)
 class ExampleLayout:
@@ -120,21 +122,61 @@ class ExampleGuard:
         if not leaves:
             return None
         first = leaves[0]
-        return int(first.shape[batch_dim_of_input(first, self.batch_first)])
+        # (a symbolic size while torch.compile traces with a dynamic batch: not int(), which would
+        # specialise the graph to one batch size)
+        return first.shape[batch_dim_of_input(first, self.batch_first)]
 
-    @torch._dynamo.disable
+    # The two hooks run as Python around an eager forward. While torch.compile traces the model they
+    # are traced into its graph (so that B stays symbolic and a batch of another size reuses the
+    # graph), except when the probe must run: then they call their eager versions, which the
+    # compiler leaves out of the graph (a graph break before or after the model's forward, never
+    # inside it). What the traced versions decide depends on the guard's state (probe_complete,
+    # proven layouts, batch size), on which torch.compile guards, so a change of that state
+    # recompiles and decides again.
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self.mode != "train":
             return None  # a probe's own call of the model
+        if torch.compiler.is_compiling() and not self._probe_due(args, kwargs):
+            self._enter(args, kwargs, exception_at_entry=_UNKNOWN)
+            return None
+        return self._pre_hook_eager(args, kwargs)
+
+    def _post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if self.mode != "train":
+            return None
+        if torch.compiler.is_compiling() and not (self._in_forward == 1 and self.unproven):
+            self._in_forward -= 1
+            if self._in_forward == 0:
+                self._inputs = None
+            return None
+        return self._post_hook_eager()
+
+    def _probe_due(self, args: tuple, kwargs: dict) -> bool:
+        """Whether this model call must run the probe first (the eager pre-hook's condition)."""
+        if self._in_forward > 0 or self.probe_complete or not torch.is_grad_enabled():
+            return False
+        if any(t.device.type == "meta" for t in tensor_leaves((args, kwargs))):
+            return False
+        B = self.model_batch(args, kwargs)
+        return B is not None and B >= 2
+
+    def _enter(self, args: tuple, kwargs: dict, exception_at_entry: Any) -> bool:
+        """The bookkeeping of a model call's start; True for the outermost call."""
         self._in_forward += 1
         if self._in_forward > 1:
-            return None  # the model calling itself
-        self._exception_at_entry = sys.exc_info()[1]
+            return False  # the model calling itself
+        self._exception_at_entry = exception_at_entry
         self.batch_size = self.model_batch(args, kwargs)
         self.unproven = set()
         self._inputs = (args, kwargs)
         # meta tensors (the memory model) hold no data: there is nothing to probe, nor to leak
         self._meta = any(t.device.type == "meta" for t in tensor_leaves((args, kwargs)))
+        return True
+
+    @torch.compiler.disable
+    def _pre_hook_eager(self, args: tuple, kwargs: dict) -> None:
+        if not self._enter(args, kwargs, exception_at_entry=sys.exc_info()[1]):
+            return None
         if (torch.is_grad_enabled() and not self.probe_complete and not self._meta
                 and self.batch_size is not None and self.batch_size >= 2):
             from .probe import run_probe
@@ -142,16 +184,17 @@ class ExampleGuard:
             run_probe(self, args, kwargs)
         return None
 
-    @torch._dynamo.disable
-    def _post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        if self.mode != "train":
-            return None
+    @torch.compiler.disable
+    def _post_hook_eager(self) -> None:
         self._in_forward -= 1
         if self._in_forward > 0:
             return None
         inputs, self._inputs = self._inputs, None
-        if sys.exc_info()[1] is not self._exception_at_entry:
-            return None  # the forward raised (this hook is always called): its error propagates
+        entry = self._exception_at_entry
+        if entry is not _UNKNOWN and sys.exc_info()[1] is not entry:
+            # the forward raised (this hook is always called): its error propagates. (After a traced
+            # pre-hook the exception at entry is unknown: the check below then runs, never skipped.)
+            return None
         if self.unproven:
             from .probe import run_probe
 

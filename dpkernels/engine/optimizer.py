@@ -408,6 +408,7 @@ class DPOptimizer(torch.optim.Optimizer):
                     seen[id(p)] = (self._qualified(module, n), p)
         return list(seen.values())
 
+    @torch.compiler.disable  # eager even under torch.compile: see step()
     @torch.no_grad()  # the recorded x may require grad: no graph may tie the running sum to it
     def accumulate(self) -> None:
         """Clip the examples of the backward just run and add them to this logical step's sum.
@@ -496,6 +497,12 @@ class DPOptimizer(torch.optim.Optimizer):
                 "no scaler, and call optimizer.step() directly; no update was made"
             )
 
+    # Eager even inside torch.compile (torch.compile(optimizer.step) runs it uncompiled): the secret
+    # seed must never become a constant of a compiled graph (inductor caches graphs on disk), a graph
+    # specialised on the step counter would recompile every step, and the step's refusals (non-finite
+    # norms, an implausible batch, a failed rank) are host decisions on the data. The wrapped
+    # optimizer's own update compiles: optimizer.original_optimizer.step = torch.compile(...).
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         self._refuse_loss_scaling()
@@ -544,6 +551,7 @@ class DPOptimizer(torch.optim.Optimizer):
             raise RuntimeError("mark_padding() must come before the forward and backward of the padding rows")
         self._padding = True
 
+    @torch.compiler.disable  # eager even under torch.compile: see step()
     @torch.no_grad()
     def noise_only_step(self, closure: Optional[Callable[[], torch.Tensor]] = None) -> None:
         """The step of an empty Poisson batch: every parameter's gradient is its noise alone.

@@ -160,14 +160,16 @@ def _keep(t: torch.Tensor) -> torch.Tensor:
 def _probe_conditions(model: nn.Module, guard: ExampleGuard) -> Iterator[None]:
     """Eval mode, gradient tracking on, the RNG state restored, the guard back in training mode after.
     Saved tensors are kept as they are even inside activation checkpointing (whose hooks would
-    otherwise count the probe's tensors as the checkpointed forward's)."""
+    otherwise count the probe's tensors as the checkpointed forward's). Eager: a model compiled in
+    place (``model.compile()``) runs its probe calls uncompiled."""
     modes = [(m, m.training) for m in model.modules()]
     devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    eager = torch.compiler.set_stance("force_eager") if hasattr(torch.compiler, "set_stance") else contextlib.nullcontext()
     try:
         for m, _ in modes:
             m.training = False
         with torch.random.fork_rng(devices=devices), torch.enable_grad(), \
-                torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
+                torch.autograd.graph.saved_tensors_hooks(_keep, _keep), eager:
             yield
     finally:
         for m, was in modes:

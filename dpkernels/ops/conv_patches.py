@@ -95,6 +95,8 @@ class ConvGeometry:
 
         Cached by argument (a layer asks for its geometry several times a step)."""
         args = (weight_shape, stride, padding, dilation, groups, padding_mode)
+        if torch.compiler.is_compiling():  # traced once per graph: no cache (the compiler does not see through it)
+            return cls._from_args(*args)
         if all(_plain(a) for a in args):  # not bools or floats, which would hash equal to ints
             return _geometry_cached(cls, *(tuple(a) if isinstance(a, (list, tuple)) else a for a in args))
         return cls._from_args(*args)
