@@ -6,8 +6,10 @@ blocks of PyTorch's CUDA caching allocator. What ``torch.cuda.max_memory_allocat
 the peak of exactly that sum, so the figures predict bench_step's "peak memory" column, up to
 what the meta run cannot see:
 
-* Triton kernel launches are no-ops here; the buffers their Python wrappers allocate (outputs,
-  per-tile partial sums) are real allocations and are counted. Kernels allocate nothing else.
+* dpkernels' kernels run their fake implementations (every kernel is a ``dpkernels::`` operator
+  with one, ``dpkernels/ops/_library.py``): their outputs are allocated and counted, nothing is
+  launched. The small transient buffers a kernel's wrapper allocates beside its outputs (per-tile
+  partial sums, B × tiles float32) are not modelled.
 * Scaled-dot-product attention is replaced by the aten kernel a GPU runs for the dtype
   (memory-efficient attention for float32, flash attention for bfloat16), so attention saves
   what it saves on a GPU (output and log-sum-exp, never the T x T matrix).
@@ -26,7 +28,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
 import weakref
 from pathlib import Path
@@ -96,11 +97,8 @@ class LiveBytes(TorchDispatchMode):
 
 @contextlib.contextmanager
 def gpu_like_execution() -> Iterator[None]:
-    """Triton launches become no-ops, and SDPA becomes the fused kernel a GPU would run."""
-    import triton.runtime.jit as jit
-
-    def no_launch(self, grid):
-        return lambda *args, **kwargs: None
+    """SDPA becomes the fused kernel a GPU would run. (dpkernels' kernels need nothing: on meta
+    tensors they run their fake implementations.)"""
 
     def fused_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
         if attn_mask is not None or dropout_p:
@@ -110,22 +108,12 @@ def gpu_like_execution() -> Iterator[None]:
         return torch.ops.aten._scaled_dot_product_efficient_attention(
             q, k, v, None, True, 0.0, is_causal, scale=scale)[0]
 
-    old_launch, old_sdpa = jit.KernelInterface.__getitem__, F.scaled_dot_product_attention
-    old_interpret = os.environ.get("TRITON_INTERPRET")
-    jit.KernelInterface.__getitem__ = no_launch  # JIT, interpreted and autotuned kernels alike
+    old_sdpa = F.scaled_dot_product_attention
     F.scaled_dot_product_attention = fused_sdpa
-    # dpkernels' Triton wrappers accept non-CUDA tensors only in interpreter mode; nothing is
-    # interpreted, since no kernel is launched
-    os.environ["TRITON_INTERPRET"] = "1"
     try:
         yield
     finally:
-        jit.KernelInterface.__getitem__ = old_launch
         F.scaled_dot_product_attention = old_sdpa
-        if old_interpret is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = old_interpret
 
 
 def _step_args(args: argparse.Namespace) -> argparse.Namespace:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-pytest.importorskip("triton")  # the model replaces Triton launches; without triton there are none to model
+pytest.importorskip("triton")  # the dpkernels mode runs the Triton backend's (fake) kernels
 
 from bench import bench_step, memory_model, models  # noqa: E402
 
@@ -52,17 +52,31 @@ def test_live_bytes_sees_backward_and_adopted_tensors():
     assert tracker.live == 2 * 256 * 128 * 4 + 64 * 256 * 4  # w, w.grad, x
 
 
-def test_gpu_like_execution_restores_what_it_patches():
+def test_gpu_like_execution_patches_only_sdpa_and_restores_it():
+    """No monkeypatch of Triton's launcher: dpkernels' kernels run their fake implementations on meta."""
     import triton.runtime.jit as jit
 
     launch, sdpa = jit.KernelInterface.__getitem__, F.scaled_dot_product_attention
     interpret = os.environ.get("TRITON_INTERPRET")
     with memory_model.gpu_like_execution():
         assert F.scaled_dot_product_attention is not sdpa
+        assert jit.KernelInterface.__getitem__ is launch and os.environ.get("TRITON_INTERPRET") == interpret
         q = torch.empty(2, 3, 40, 8, device="meta")
         assert F.scaled_dot_product_attention(q, q, q, is_causal=True).shape == q.shape
-    assert jit.KernelInterface.__getitem__ is launch and F.scaled_dot_product_attention is sdpa
-    assert os.environ.get("TRITON_INTERPRET") == interpret
+    assert F.scaled_dot_product_attention is sdpa
+
+
+def test_dpkernels_ops_count_their_outputs_on_meta():
+    """A dpkernels op on meta tensors runs its fake implementation under the byte counter: its output is
+    counted, no kernel is launched (a Triton launch on meta tensors would fail)."""
+    from dpkernels import functional
+
+    tracker = memory_model.LiveBytes()
+    x, g = torch.empty(8, 16, 64, device="meta"), torch.empty(8, 16, 96, device="meta")
+    with tracker:
+        w, b = functional.linear_clipped_grad(x, g, torch.ones(8, device="meta"), noise_std=1.0, backend="triton")
+    assert w.shape == (96, 64) and b.shape == (96,)
+    assert tracker.live >= 96 * 64 * 4 + 512
 
 
 def _args(**kw) -> argparse.Namespace:
@@ -75,17 +89,17 @@ def _args(**kw) -> argparse.Namespace:
 @pytest.mark.parametrize("workload", ["gpt", "stack_T1", "stack_T256"])
 def test_meta_step_runs_and_dpkernels_keeps_nothing_between_steps(workload):
     kind, cfg = bench_step.SMOKE_WORKLOADS[workload]
-    from dpkernels.ops import linear_sq_norms
+    from dpkernels.ops import _tiles
 
-    linear_sq_norms._PAIRS_CACHE.clear()  # the ghost kernel's cached tile-pair list (a few bytes) stays resident
+    _tiles._PAIRS_CACHE.clear()  # the ghost kernel's cached tile-pair list (a few bytes) stays resident
     rows = {m: memory_model.measure(kind, cfg, m, "float32", _args()) for m in ("non_private", "dpkernels")}
     for r in rows.values():
         assert r["status"] == "ok", r
     # after step() the engine has freed every (x, G) it kept: what stays is what non-private keeps,
     # plus the tile-pair cache
-    pairs = sum(t.untyped_storage().nbytes() for t in linear_sq_norms._PAIRS_CACHE.values())
+    pairs = sum(t.untyped_storage().nbytes() for t in _tiles._PAIRS_CACHE.values())
     extra = rows["dpkernels"]["resident_bytes"] - rows["non_private"]["resident_bytes"]
-    assert 0 <= extra <= memory_model._rounded(pairs) * len(linear_sq_norms._PAIRS_CACHE)
+    assert 0 <= extra <= memory_model._rounded(pairs) * len(_tiles._PAIRS_CACHE)
     assert rows["non_private"]["peak_bytes"] <= rows["dpkernels"]["peak_bytes"] < 3 * rows["non_private"]["peak_bytes"]
 
 

@@ -73,6 +73,7 @@ class KernelOp:
         tags = (torch.Tag.cudagraph_unsafe,) if key_args else ()
         self.custom_op = torch.library.custom_op(f"{NAMESPACE}::{name}", self._run_op, mutates_args=(),
                                                  schema=schema, tags=tags)
+        self.fake = fake
         self.custom_op.register_fake(self._fake(fake))
         self.op = getattr(getattr(torch.ops, NAMESPACE), name).default
 
@@ -109,7 +110,9 @@ class KernelOp:
             args[i] = PhiloxKey.from_tensor(args[i])
         first = args[self.device_arg]
         device = first.device if isinstance(first, torch.Tensor) else first
-        out = self.implementation(device, backend)(*args)
+        # a factory op for the meta device (its key tensor on the CPU dispatched it here): shapes only
+        run = self.fake if device.type == "meta" else self.implementation(device, backend)
+        out = run(*args)
         return _pack(out) if self.optional_outputs else out
 
     def _fake(self, fake: Callable) -> Callable:
