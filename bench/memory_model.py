@@ -8,8 +8,10 @@ what the meta run cannot see:
 
 * dpkernels' kernels run their fake implementations (every kernel is a ``dpkernels::`` operator
   with one, ``dpkernels/ops/_library.py``): their outputs are allocated and counted, nothing is
-  launched. The small transient buffers a kernel's wrapper allocates beside its outputs (per-tile
-  partial sums, B × tiles float32) are not modelled.
+  launched. The transient buffers an op allocates inside beside its outputs are not modelled:
+  per-tile partial sums (B × tiles float32), and the (B, p) float32 per-example bias sums of the
+  linear and conv clipped sums (1 MiB on 8 × Linear(1024) with B = 256, T = 1: its predicted peak
+  ratio is 1.015 where the launcher-patching model of 2026-11-23 counted 1.030).
 * Scaled-dot-product attention is replaced by the aten kernel a GPU runs for the dtype
   (memory-efficient attention for float32, flash attention for bfloat16), so attention saves
   what it saves on a GPU (output and log-sum-exp, never the T x T matrix).
