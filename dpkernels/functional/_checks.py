@@ -7,6 +7,7 @@ from typing import Optional, Tuple
 import torch
 
 from ..ops.conv_patches import ConvGeometry
+from ..ops.linear_sq_norms import METHODS
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 TOKEN_DTYPES = (torch.int32, torch.int64)
@@ -44,8 +45,6 @@ def as_btd(x: torch.Tensor, grad_output: torch.Tensor) -> Tuple[torch.Tensor, to
 
 def norm_method(method: str, T: int) -> str:
     """``method`` checked; T = 1 makes it "rowwise" (both ghost and direct reduce to ‖x_i‖²‖G_i‖²)."""
-    from ..ops.linear_sq_norms import METHODS
-
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     return "rowwise" if T == 1 else method
@@ -220,8 +219,6 @@ def conv_geometry(
 
 
 def conv_method(method: str) -> str:
-    from ..ops.linear_sq_norms import METHODS
-
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     return method
