@@ -90,6 +90,8 @@ def main() -> int:
         ]
         if dt == "fp32":
             jobs.append(("philox_normal", kt._philox_normal_kernel, {"out": "*fp32"}, {"BLOCK": 1024}, 4, 1))
+            jobs.append(("philox_normal_offset", kt._philox_normal_offset_kernel, {"out": "*fp32", "offset": "i64"},
+                         {"BLOCK": 1024}, 4, 1))
             jobs.append(("philox_add_noise", kt._philox_add_noise_kernel, {}, {"BLOCK": 1024}, 4, 1))
         for label, fn, ptrs, consts, warps, stages in jobs:
             try:

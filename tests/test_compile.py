@@ -305,3 +305,23 @@ def test_a_new_layout_under_compile_runs_the_probe_again(monkeypatch):
     assert not runs  # proven layouts: no probe
     _step(lambda i: compiled(i, pos[:1]), opt, ids, y)
     assert runs and model.pos._dp_collector.guard.proven[model.pos] == ("broadcast",)
+
+
+def test_compile_is_refused_across_processes(tmp_path, monkeypatch):
+    """distributed=True (here one gloo process): a compiled backward refuses to record, naming why,
+    instead of running the ranks' hand-over inside a compiled graph."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        ((_, _), (mc, oc)), batch = _pair("mlp", distributed=True)
+        x, y = batch(6, 0)
+        _step(mc, oc, x, y)  # eager: fine
+        oc.zero_grad()
+        with pytest.raises(RuntimeError, match="across processes"):
+            _loss(torch.compile(mc)(x), y).backward()
+    finally:
+        dist.destroy_process_group()

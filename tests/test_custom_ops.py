@@ -163,3 +163,15 @@ def test_no_generator_draws_a_fresh_key_at_every_compiled_call():
     compiled = torch.compile(lambda: functional.gaussian_noise((64,), std=1.0, device="cpu"), backend="aot_eager")
     a, b = compiled(), compiled()
     assert not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("offset", [0, 1, 2, 1023, 2**33 + 1])
+def test_gaussian_noise_offset_on_every_backend(offset, backend):
+    """Elements offset .. offset + n − 1 of a key's draw, on the Triton backend too (its kernel takes the
+    offset, odd ones starting mid-pair): the slice of the whole draw."""
+    key = PhiloxKey(77, 3, 9)
+    n = 1500
+    whole = philox_normal(offset + n, key) if offset < 2**20 else philox_normal(n, key, offset=offset)
+    expected = 0.5 * (whole[offset:] if offset < 2**20 else whole)
+    got = functional.gaussian_noise((n,), std=0.5, generator=key, offset=offset, backend=backend)
+    torch.testing.assert_close(got, expected, rtol=0, atol=2e-6)

@@ -77,6 +77,9 @@ def _record_op(tensors: List[torch.Tensor], site_id: int, kind: str) -> None:
             "was compiled while attached to a private optimizer that has since been discarded; compile the model "
             "again after make_private"
         )
+    refusal = site.step.compile_refusal
+    if refusal is not None:
+        raise RuntimeError(refusal)
     site.record(*PAYLOADS[kind](tensors), keep=_copy)
 
 

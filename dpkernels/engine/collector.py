@@ -74,6 +74,8 @@ class StepCollector:
         self.batch_size: Optional[int] = None
         # set by the optimizer when it clips each layer inside backward (per-layer clipping)
         self.sink: Optional[Callable[[str, LayerRecord], None]] = None
+        # why a compiled backward may not record into this step (make_private sets it where compile is unsupported)
+        self.compile_refusal: Optional[str] = None
 
     def for_module(self, module: nn.Module) -> ModuleCollector:
         return self._handles[module]

@@ -283,6 +283,12 @@ def make_private(
         bracket.attach_after_guard()
     collector = StepCollector({m: n for n, m in dp_modules}, norm_method, backend, batch_first=batch_first,
                               guard=guard)
+    if ranks.distributed:  # a compiled backward refuses to record (autograd/_record.py)
+        collector.compile_refusal = (
+            "torch.compile of a model made private across processes (distributed=True, DDP or FSDP2) is not "
+            "supported: the hand-over of each layer's clipped sum to the ranks' reductions and FSDP2's hooks run "
+            "inside backward and are not shown to survive a compiled backward. Run this model uncompiled"
+        )
     for _, module in dp_modules:
         module.dp_attach(collector)
     for pid, p in params.items():
