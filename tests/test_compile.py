@@ -325,3 +325,30 @@ def test_compile_is_refused_across_processes(tmp_path, monkeypatch):
             _loss(torch.compile(mc)(x), y).backward()
     finally:
         dist.destroy_process_group()
+
+
+def test_hugging_face_llama_with_a_tied_head_compiles_in_one_graph():
+    """What HF Trainer's torch_compile=True does (torch.compile(model)) on a private Llama: the integration's
+    layers (LlamaRMSNorm, the tied embedding and head, rotary attention's projections) in one graph, equal
+    to the eager step."""
+    pytest.importorskip("transformers")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import real_models
+
+    model, batch, loss_fn = real_models.llama_tied()
+    twin = copy.deepcopy(model)
+    pairs = []
+    for m in (model, twin):
+        opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.05)
+        pairs.append(dpkernels.make_private(m, opt, noise_multiplier=0.0, max_grad_norm=0.1, expected_batch_size=6))
+    (me, oe), (mc, oc) = pairs
+    for m, o in pairs:
+        o.zero_grad()
+        loss_fn(m, batch).backward()
+        o.step()
+    compiled = torch.compile(mc, fullgraph=True)
+    for m, o in ((me, oe), (compiled, oc)):
+        o.zero_grad()
+        loss_fn(m, batch).backward()
+        o.step()
+    _assert_close(_grads(me), _grads(mc))
