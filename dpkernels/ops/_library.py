@@ -83,8 +83,7 @@ class KernelOp:
         everywhere: small, or deterministic by construction)."""
         if len(self.impls) == 1:
             return self.impls["torch"]
-        choice = select_backend(device, backend, op_has_cuda=self.has_cuda)
-        return self.impls[choice] if choice in self.impls else self.impls["triton"]
+        return self.impls[select_backend(device, backend, op_has_cuda=self.has_cuda)]
 
     def __call__(self, *args: Any, backend: Optional[str] = None) -> Any:
         first = args[self.device_arg]
