@@ -1,8 +1,9 @@
 """Counter-based Gaussian noise: Philox-4x32-10 and the counter scheme every backend shares.
 
-One definition, three implementations that must agree bit for bit on the integers:
-this torch reference (int64 arithmetic, masks to 32 bits), the Triton helper in
-``dpkernels/ops/philox_triton.py`` and the CUDA header ``csrc/philox.cuh``.
+One definition, four implementations that must agree bit for bit on the integers:
+this torch reference (int64 arithmetic, masks to 32 bits), the Triton helpers in
+``dpkernels/ops/_triton.py``, the CUDA header ``csrc/philox.cuh`` and the compiled CPU kernel
+``csrc/philox_cpu.cpp`` (which includes that header).
 
 Counter scheme
 --------------
