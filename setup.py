@@ -9,6 +9,7 @@ use when CUDA and nvcc exist (``dpkernels/_cuda.py``).
     pip install -e .                         # pure Python (CPU machines, CI)
     pip install --no-build-isolation -e .    # also builds the CUDA extension, if possible
 """
+
 import os
 import shutil
 
@@ -79,8 +80,19 @@ setup(
     extras_require={
         "triton": ["triton>=3.0"],
         "demo": ["scikit-learn>=1.0", "transformers==5.18.0"],
-        "test": ["pytest>=7", "scikit-learn>=1.0", "dp-accounting>=0.4", "triton>=3.0", "opacus>=1.5",
-                 "transformers==5.18.0", "peft==0.21.2", "pyyaml", "huggingface_hub", "safetensors", "pillow"],
+        "test": [
+            "pytest>=7",
+            "scikit-learn>=1.0",
+            "dp-accounting>=0.4",
+            "triton>=3.0",
+            "opacus>=1.5",
+            "transformers==5.18.0",
+            "peft==0.21.2",
+            "pyyaml",
+            "huggingface_hub",
+            "safetensors",
+            "pillow",
+        ],
         "bench": ["matplotlib>=3.5", "opacus>=1.5"],
     },
     ext_modules=ext_modules,

@@ -1,10 +1,12 @@
 """Run every benchmark in one command: ``python -m bench`` (GPU) or ``python -m bench --smoke`` (CPU).
 
 Order: full-step benchmark (the headline numbers first), floor (which reads the step results
-just written), linear-op micro-benchmark, embedding and norm-layer micro-benchmark, the tied embedding's cross term. Each script gets its own time budget so the whole run fits one device call
+just written), linear-op micro-benchmark, embedding and norm-layer micro-benchmark, the tied
+embedding's cross term. Each script gets its own time budget so the whole run fits one device call
 (10 minutes): a configuration that would start after its script's budget is skipped and listed
 as skipped. A script that fails does not stop the others; the exit status is non-zero if any did.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,14 +66,21 @@ def main() -> int:
         except Exception:
             traceback.print_exc()
             rc = 1
-        print(f"========== {name}: {'ok' if not rc else 'FAILED'} in {time.perf_counter() - t0:.0f} s ==========",
-              flush=True)
+        print(
+            f"========== {name}: {'ok' if not rc else 'FAILED'} in {time.perf_counter() - t0:.0f} s ==========",
+            flush=True,
+        )
         if rc:
             failed.append(name)
-        common.release(common.torch.device("cuda") if common.torch.cuda.is_available() and not args.smoke
-                       else common.torch.device("cpu"))
-    print(f"\nall done in {time.perf_counter() - t_all:.0f} s" + (f"; FAILED: {', '.join(failed)}" if failed else ""),
-          flush=True)
+        common.release(
+            common.torch.device("cuda")
+            if common.torch.cuda.is_available() and not args.smoke
+            else common.torch.device("cpu")
+        )
+    print(
+        f"\nall done in {time.perf_counter() - t_all:.0f} s" + (f"; FAILED: {', '.join(failed)}" if failed else ""),
+        flush=True,
+    )
     return 1 if failed else 0
 
 

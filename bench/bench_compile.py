@@ -27,6 +27,7 @@ of its ratio to eager non-private and to compiled non-private of the same round.
     python bench/bench_compile.py              # bench/results/compile_step-CPU-<date>.{md,json}
     python bench/bench_compile.py --smoke      # tiny settings, /tmp
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,13 +48,17 @@ from bench import common, models  # noqa: E402
 MODES = ["eager", "compiled", "dp_eager", "dp_compiled"]
 WORKLOADS = {
     "mlp": ("demo", models.DemoConfig("mlp", batch=128)),
-    "gpt": ("gpt", models.GPTConfig(vocab=512, seq=64, d_model=128, n_layer=2, n_head=4, d_mlp=512, batch=16,
-                                    train_all=True)),
+    "gpt": (
+        "gpt",
+        models.GPTConfig(vocab=512, seq=64, d_model=128, n_layer=2, n_head=4, d_mlp=512, batch=16, train_all=True),
+    ),
 }
 SMOKE = {
     "mlp": ("demo", models.DemoConfig("mlp", batch=8)),
-    "gpt": ("gpt", models.GPTConfig(vocab=64, seq=8, d_model=16, n_layer=1, n_head=2, d_mlp=32, batch=4,
-                                    train_all=True)),
+    "gpt": (
+        "gpt",
+        models.GPTConfig(vocab=64, seq=8, d_model=16, n_layer=1, n_head=2, d_mlp=32, batch=4, train_all=True),
+    ),
 }
 SIGMA, CLIP = 1.0, 1.0
 
@@ -68,8 +73,9 @@ def build(mode: str, kind: str, cfg: Any, seed: int) -> Tuple[Callable[[], None]
     x, y = models.make_batch(kind, cfg, seed=seed + 1, device=device, dtype=torch.float32)
     private = mode.startswith("dp_")
     if private:
-        model, opt = dpkernels.make_private(model, opt, noise_multiplier=SIGMA, max_grad_norm=CLIP,
-                                            expected_batch_size=cfg.batch, seed=seed + 7)
+        model, opt = dpkernels.make_private(
+            model, opt, noise_multiplier=SIGMA, max_grad_norm=CLIP, expected_batch_size=cfg.batch, seed=seed + 7
+        )
     state = {"run": model}
 
     def step() -> None:
@@ -121,7 +127,8 @@ def measure(name: str, kind: str, cfg: Any, args: argparse.Namespace) -> Dict[st
         res["compile_s"] = res["first_step_s"] - (res["warm_step_ms"] or 0.0) / 1e3
     out["dp_compiled_vs_eager_grad_rel_err"] = max(
         float((grads["dp_compiled"][n] - g).abs().max() / g.abs().max().clamp_min(1e-30))
-        for n, g in grads["dp_eager"].items())
+        for n, g in grads["dp_eager"].items()
+    )
     rounds: Dict[str, List[float]] = {m: [] for m in MODES}
     for _ in range(args.rounds):
         for mode in MODES:
@@ -131,31 +138,51 @@ def measure(name: str, kind: str, cfg: Any, args: argparse.Namespace) -> Dict[st
         res["median_ms"] = 1e3 * statistics.median(rounds[mode])
         res["vs_eager"] = statistics.median(t / b for t, b in zip(rounds[mode], rounds["eager"]))
         res["vs_compiled"] = statistics.median(t / b for t, b in zip(rounds[mode], rounds["compiled"]))
-    out["dp_compiled_vs_dp_eager"] = statistics.median(
-        t / b for t, b in zip(rounds["dp_compiled"], rounds["dp_eager"]))
-    print(f"- {name}: " + ", ".join(f"{m} {out['modes'][m]['vs_eager']:.2f}" for m in MODES)
-          + f" (x eager non-private); private compiled / private eager {out['dp_compiled_vs_dp_eager']:.2f}",
-          flush=True)
+    out["dp_compiled_vs_dp_eager"] = statistics.median(t / b for t, b in zip(rounds["dp_compiled"], rounds["dp_eager"]))
+    print(
+        f"- {name}: "
+        + ", ".join(f"{m} {out['modes'][m]['vs_eager']:.2f}" for m in MODES)
+        + f" (x eager non-private); private compiled / private eager {out['dp_compiled_vs_dp_eager']:.2f}",
+        flush=True,
+    )
     return out
 
 
 def render(results: List[Dict[str, Any]]) -> str:
-    rows = [[f"{r['workload']}: {r['describe']}"] + [f"{r['modes'][m]['vs_eager']:.2f}" for m in MODES]
-            + [f"{r['dp_compiled_vs_dp_eager']:.2f}"] for r in results]
-    parts = ["## Step time / eager non-private (median over interleaved rounds)\n",
-             common.md_table(["workload"] + MODES + ["dp_compiled / dp_eager"], rows),
-             "\n## Step time / compiled non-private\n",
-             common.md_table(["workload"] + MODES, [[r["workload"]] + [f"{r['modes'][m]['vs_compiled']:.2f}"
-                                                                          for m in MODES] for r in results]),
-             "\n## Absolute step times (ms, median of the rounds' medians)\n",
-             common.md_table(["workload"] + MODES, [[r["workload"]] + [f"{r['modes'][m]['median_ms']:.3f}"
-                                                                          for m in MODES] for r in results]),
-             "\n## Compile time (s: the first compiled step beyond a warm one; inductor's caches off) and the "
-             "compiled private gradient against the eager one (noise-free step, max relative difference)\n",
-             common.md_table(["workload", "compiled", "dp_compiled", "dp gradient rel. err."],
-                             [[r["workload"], f"{r['modes']['compiled']['compile_s']:.1f}",
-                               f"{r['modes']['dp_compiled']['compile_s']:.1f}",
-                               f"{r['dp_compiled_vs_eager_grad_rel_err']:.1e}"] for r in results])]
+    rows = [
+        [f"{r['workload']}: {r['describe']}"]
+        + [f"{r['modes'][m]['vs_eager']:.2f}" for m in MODES]
+        + [f"{r['dp_compiled_vs_dp_eager']:.2f}"]
+        for r in results
+    ]
+    parts = [
+        "## Step time / eager non-private (median over interleaved rounds)\n",
+        common.md_table(["workload"] + MODES + ["dp_compiled / dp_eager"], rows),
+        "\n## Step time / compiled non-private\n",
+        common.md_table(
+            ["workload"] + MODES,
+            [[r["workload"]] + [f"{r['modes'][m]['vs_compiled']:.2f}" for m in MODES] for r in results],
+        ),
+        "\n## Absolute step times (ms, median of the rounds' medians)\n",
+        common.md_table(
+            ["workload"] + MODES,
+            [[r["workload"]] + [f"{r['modes'][m]['median_ms']:.3f}" for m in MODES] for r in results],
+        ),
+        "\n## Compile time (s: the first compiled step beyond a warm one; inductor's caches off) and the "
+        "compiled private gradient against the eager one (noise-free step, max relative difference)\n",
+        common.md_table(
+            ["workload", "compiled", "dp_compiled", "dp gradient rel. err."],
+            [
+                [
+                    r["workload"],
+                    f"{r['modes']['compiled']['compile_s']:.1f}",
+                    f"{r['modes']['dp_compiled']['compile_s']:.1f}",
+                    f"{r['dp_compiled_vs_eager_grad_rel_err']:.1e}",
+                ]
+                for r in results
+            ],
+        ),
+    ]
     return "\n".join(parts)
 
 
@@ -173,14 +200,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     args.rounds = args.rounds or (2 if args.smoke else 7)
     args.steps = args.steps or (2 if args.smoke else 5)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 3)
-    env = common.env_record(torch.device("cpu"), script="bench_compile", smoke=args.smoke,
-                            threads=torch.get_num_threads(), sigma=SIGMA, max_grad_norm=CLIP,
-                            **({} if args.smoke else {"device_tag": "CPU"}))
+    env = common.env_record(
+        torch.device("cpu"),
+        script="bench_compile",
+        smoke=args.smoke,
+        threads=torch.get_num_threads(),
+        sigma=SIGMA,
+        max_grad_norm=CLIP,
+        **({} if args.smoke else {"device_tag": "CPU"}),
+    )
     print(f"# torch.compile of the private step on {env['device']} (commit {env['dpkernels_commit']})", flush=True)
     results = [measure(n, *table[n], args) for n in (args.workloads or list(table))]
     md = render(results)
-    paths = common.write_results("compile_step", torch.device("cpu"), env, {"results": results}, md, args.out_dir,
-                                 cpu_results=not args.smoke)
+    paths = common.write_results(
+        "compile_step", torch.device("cpu"), env, {"results": results}, md, args.out_dir, cpu_results=not args.smoke
+    )
     print("\n" + md, flush=True)
     print("wrote " + ", ".join(str(p) for p in paths), flush=True)
     return 0

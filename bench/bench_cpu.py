@@ -26,6 +26,7 @@ overhead per step: dpkernels minus non-private on the same model with B=2 and no
     python bench/bench_cpu.py                 # writes bench/results/cpu_step-CPU-<date>.{md,json}
     python bench/bench_cpu.py --smoke         # tiny settings, /tmp
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,8 +59,16 @@ PHASES = ("dpkernels.norms", "dpkernels.clip_factors", "dpkernels.clipped_sums",
 
 
 def _args(args: argparse.Namespace) -> argparse.Namespace:
-    return argparse.Namespace(seed=args.seed, optimizer="sgd", sigma=1.0, max_grad_norm=1.0, norm_method="auto",
-                              clipping="flat", dp_backend="torch", check=True)
+    return argparse.Namespace(
+        seed=args.seed,
+        optimizer="sgd",
+        sigma=1.0,
+        max_grad_norm=1.0,
+        norm_method="auto",
+        clipping="flat",
+        dp_backend="torch",
+        check=True,
+    )
 
 
 def _steps_time(step: Callable[[], None], n: int) -> float:
@@ -107,8 +116,11 @@ def measure(name: str, kind: str, cfg: Any, args: argparse.Namespace) -> Dict[st
         res["median_ms"] = statistics.median(times)
         if base:
             res["ratio"] = statistics.median(t / b for t, b in zip(times, base))
-    print(f"- {name}: " + ", ".join(f"{m} {r.get('ratio', float('nan')):.2f}" for m, r in out["modes"].items()
-                                    if r["status"] == "ok"), flush=True)
+    print(
+        f"- {name}: "
+        + ", ".join(f"{m} {r.get('ratio', float('nan')):.2f}" for m, r in out["modes"].items() if r["status"] == "ok"),
+        flush=True,
+    )
     if args.profile and "dpkernels" in built:
         out["profile"] = profile(built["dpkernels"][0], max(10, per_round["dpkernels"] * 3))
         out["overhead_ms"] = engine_overhead(name, kind, cfg, args)
@@ -119,8 +131,9 @@ def engine_overhead(name: str, kind: str, cfg: Any, args: argparse.Namespace) ->
     """The engine's fixed cost per step, ms: dpkernels' step minus the non-private step on the same
     model with 2 examples and no noise, where the arithmetic that grows with the batch is nearly
     gone and what is left is Python and per-call work (medians of 50 interleaved steps each)."""
-    small = bench_step.Workload(name, kind, dataclasses.replace(cfg, batch=2), torch.device("cpu"), "float32",
-                                _args(args))
+    small = bench_step.Workload(
+        name, kind, dataclasses.replace(cfg, batch=2), torch.device("cpu"), "float32", _args(args)
+    )
     small.args.sigma = 0.0
     steps = {m: bench_step.BUILDERS[m](small)[0] for m in ("non_private", "dpkernels")}
     for step in steps.values():
@@ -162,22 +175,42 @@ def render(results: List[Dict[str, Any]], modes: List[str]) -> str:
             r = res["modes"].get(m, {})
             row.append(f"{r['ratio']:.2f}" if "ratio" in r else r.get("status", "–"))
         rows.append(row)
-    parts = ["## Step time / non-private (median of interleaved rounds)\n",
-             common.md_table(["workload"] + modes, rows), "\n## Gradient check (zero noise) vs a per-example loop\n"]
-    check = [[res["workload"]] + [f"{res['modes'][m]['grad_rel_err_vs_loop']:.1e}"
-                                  if isinstance(res["modes"].get(m, {}).get("grad_rel_err_vs_loop"), float) else "–"
-                                  for m in modes[1:]] for res in results]
+    parts = [
+        "## Step time / non-private (median of interleaved rounds)\n",
+        common.md_table(["workload"] + modes, rows),
+        "\n## Gradient check (zero noise) vs a per-example loop\n",
+    ]
+    check = [
+        [res["workload"]]
+        + [
+            f"{res['modes'][m]['grad_rel_err_vs_loop']:.1e}"
+            if isinstance(res["modes"].get(m, {}).get("grad_rel_err_vs_loop"), float)
+            else "–"
+            for m in modes[1:]
+        ]
+        for res in results
+    ]
     parts.append(common.md_table(["workload"] + modes[1:], check))
     parts.append("\n## Absolute step times (ms, median)\n")
-    parts.append(common.md_table(["workload"] + modes, [[res["workload"]] + [
-        res["modes"].get(m, {}).get("median_ms", "–") for m in modes] for res in results]))
+    parts.append(
+        common.md_table(
+            ["workload"] + modes,
+            [[res["workload"]] + [res["modes"].get(m, {}).get("median_ms", "–") for m in modes] for res in results],
+        )
+    )
     prof = [res for res in results if "profile" in res]
     if prof:
         keys = list(prof[0]["profile"])
         parts.append("\n## Where dpkernels' step time goes (wall clock per engine phase, % of the step)\n")
-        parts.append(common.md_table(["workload"] + keys + ["engine overhead (ms/step, B=2)"],
-                                     [[r["workload"]] + [f"{r['profile'][k]:.1f}" for k in keys]
-                                      + [f"{r['overhead_ms']:.2f}"] for r in prof]))
+        parts.append(
+            common.md_table(
+                ["workload"] + keys + ["engine overhead (ms/step, B=2)"],
+                [
+                    [r["workload"]] + [f"{r['profile'][k]:.1f}" for k in keys] + [f"{r['overhead_ms']:.2f}"]
+                    for r in prof
+                ],
+            )
+        )
     return "\n".join(parts)
 
 
@@ -187,8 +220,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--workloads", nargs="+", default=None)
     ap.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
     ap.add_argument("--rounds", type=int, default=None)
-    ap.add_argument("--steps", type=int, default=None,
-                    help="steps per mode per round (default: as many as fill ~0.5 s, 1 to 10)")
+    ap.add_argument(
+        "--steps", type=int, default=None, help="steps per mode per round (default: as many as fill ~0.5 s, 1 to 10)"
+    )
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args(argv)
@@ -197,16 +231,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     args.rounds = args.rounds or (2 if args.smoke else 10)
     args.steps = args.steps or (2 if args.smoke else None)
     torch.set_num_threads(torch.get_num_threads())
-    env = common.env_record(torch.device("cpu"), script="bench_cpu", smoke=args.smoke, threads=torch.get_num_threads(),
-                            **({} if args.smoke else {"device_tag": "CPU"}))
+    env = common.env_record(
+        torch.device("cpu"),
+        script="bench_cpu",
+        smoke=args.smoke,
+        threads=torch.get_num_threads(),
+        **({} if args.smoke else {"device_tag": "CPU"}),
+    )
     import dpkernels
 
     env["dpkernels_backends"] = {k: v["available"] for k, v in dpkernels.backends(load_cuda=False).items()}
     print(f"# CPU step on {env['device']} (commit {env['dpkernels_commit']})", flush=True)
     results = [measure(n, *table[n], args) for n in names]
     md = render(results, args.modes)
-    paths = common.write_results("cpu_step", torch.device("cpu"), env, {"results": results}, md, args.out_dir,
-                                 cpu_results=not args.smoke)
+    paths = common.write_results(
+        "cpu_step", torch.device("cpu"), env, {"results": results}, md, args.out_dir, cpu_results=not args.smoke
+    )
     print("\n" + md, flush=True)
     print("wrote " + ", ".join(str(p) for p in paths), flush=True)
     return 0

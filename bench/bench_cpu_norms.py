@@ -16,6 +16,7 @@ warm-up; ghost is skipped where it would cost over 40 times direct's multiply-ad
     python bench/bench_cpu_norms.py            # writes bench/results/cpu_conv_norms-CPU-<date>.{md,json}
     python bench/bench_cpu_norms.py --smoke    # two small layers, /tmp
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,8 +73,9 @@ def _direct_patches(x, g, geometry) -> torch.Tensor:
     patches = conv_patches.input_patches(x, geometry)
     rows = conv_patches.output_gradient_rows(g, geometry)
     n, B, L, d = patches.shape
-    norms = linear_sq_norms_reference(patches.reshape(n * B, L, d), rows.view(n * B, L, rows.shape[-1]), False,
-                                      "direct")
+    norms = linear_sq_norms_reference(
+        patches.reshape(n * B, L, d), rows.view(n * B, L, rows.shape[-1]), False, "direct"
+    )
     return norms.view(n, B).sum(dim=0)
 
 
@@ -91,8 +93,15 @@ def measure(layer: tuple) -> Dict[str, Any]:
     geometry = conv_patches.ConvGeometry.from_args(shape, s, p, 1, groups)
     L, d, pg = out * out, geometry.patch_features, cout // groups
     kwargs = dict(stride=s, padding=p, groups=groups, bias=False, backend="torch")
-    res: Dict[str, Any] = {"layer": label, "B": B, "L": L, "d": d, "p": pg,
-                           "mac_ratio_ghost_direct": L * (d + pg) / (d * pg), "auto": choose_method_torch(L, d, pg)}
+    res: Dict[str, Any] = {
+        "layer": label,
+        "B": B,
+        "L": L,
+        "d": d,
+        "p": pg,
+        "mac_ratio_ghost_direct": L * (d + pg) / (d * pg),
+        "auto": choose_method_torch(L, d, pg),
+    }
     ref = functional.conv_sq_norms(x, g, shape, method="direct", **kwargs)
     runs = {
         "ghost": lambda: functional.conv_sq_norms(x, g, shape, method="ghost", **kwargs),
@@ -109,9 +118,15 @@ def measure(layer: tuple) -> Dict[str, Any]:
         res[f"{name}_ms"] = _time(fn)
     res["max_rel_diff"] = worst
     res["auto_ms"] = res[f"{res['auto']}_ms"]
-    print(f"- {label}: " + ", ".join(f"{m} {res[f'{m}_ms']:.2f}" if res[f"{m}_ms"] is not None else f"{m} -"
-                                    for m in ("patches", "ghost", "direct", "direct_patches")) + f" (auto: {res['auto']})",
-          flush=True)
+    print(
+        f"- {label}: "
+        + ", ".join(
+            f"{m} {res[f'{m}_ms']:.2f}" if res[f"{m}_ms"] is not None else f"{m} -"
+            for m in ("patches", "ghost", "direct", "direct_patches")
+        )
+        + f" (auto: {res['auto']})",
+        flush=True,
+    )
     return res
 
 
@@ -119,25 +134,59 @@ def render(rows: List[Dict[str, Any]]) -> str:
     def ms(v: Optional[float]) -> str:
         return "–" if v is None else f"{v:.2f}"
 
-    table = [[r["layer"], r["B"], r["L"], r["d"], r["p"], f"{r['mac_ratio_ghost_direct']:.2f}", ms(r["patches_ms"]),
-              ms(r["ghost_ms"]), ms(r["direct_ms"]), ms(r["direct_patches_ms"]), f"{r['auto']} ({ms(r['auto_ms'])})",
-              f"{r['max_rel_diff']:.1e}"] for r in rows]
+    table = [
+        [
+            r["layer"],
+            r["B"],
+            r["L"],
+            r["d"],
+            r["p"],
+            f"{r['mac_ratio_ghost_direct']:.2f}",
+            ms(r["patches_ms"]),
+            ms(r["ghost_ms"]),
+            ms(r["direct_ms"]),
+            ms(r["direct_patches_ms"]),
+            f"{r['auto']} ({ms(r['auto_ms'])})",
+            f"{r['max_rel_diff']:.1e}",
+        ]
+        for r in rows
+    ]
     return "## Conv per-example norms, torch backend on the CPU (ms, median)\n\n" + common.md_table(
-        ["layer", "B", "L", "d", "p", "MACs ghost/direct", "patches", "ghost", "direct", "direct (patches)", "auto",
-         "max rel diff"], table)
+        [
+            "layer",
+            "B",
+            "L",
+            "d",
+            "p",
+            "MACs ghost/direct",
+            "patches",
+            "ghost",
+            "direct",
+            "direct (patches)",
+            "auto",
+            "max rel diff",
+        ],
+        table,
+    )
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_args(ap)
     args = ap.parse_args(argv)
-    env = common.env_record(torch.device("cpu"), script="bench_cpu_norms", smoke=args.smoke,
-                            threads=torch.get_num_threads(), **({} if args.smoke else {"device_tag": "CPU"}))
+    env = common.env_record(
+        torch.device("cpu"),
+        script="bench_cpu_norms",
+        smoke=args.smoke,
+        threads=torch.get_num_threads(),
+        **({} if args.smoke else {"device_tag": "CPU"}),
+    )
     print(f"# conv norms on {env['device']} (commit {env['dpkernels_commit']})", flush=True)
     rows = [measure(layer) for layer in (SMOKE if args.smoke else LAYERS)]
     md = render(rows)
-    paths = common.write_results("cpu_conv_norms", torch.device("cpu"), env, {"results": rows}, md, args.out_dir,
-                                 cpu_results=not args.smoke)
+    paths = common.write_results(
+        "cpu_conv_norms", torch.device("cpu"), env, {"results": rows}, md, args.out_dir, cpu_results=not args.smoke
+    )
     print("\n" + md, flush=True)
     print("wrote " + ", ".join(str(p) for p in paths), flush=True)
     return 0

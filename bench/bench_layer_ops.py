@@ -34,6 +34,7 @@ clip-sum-noise. Reported: median time, ratio to 'backward', peak extra memory.
     python bench/bench_layer_ops.py                  # GPU
     TRITON_INTERPRET=1 python bench/bench_layer_ops.py --smoke
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,8 +68,9 @@ def _time(fns: Dict[str, Callable[[], Any]], device: torch.device, args, base: s
     for op, fn in fns.items():
         row: Dict[str, Any] = {"op": op}
         try:
-            t = common.time_fn(fn, device, warmup=args.warmup, min_reps=args.min_reps, max_reps=args.max_reps,
-                               target_ms=args.target_ms)
+            t = common.time_fn(
+                fn, device, warmup=args.warmup, min_reps=args.min_reps, max_reps=args.max_reps, target_ms=args.target_ms
+            )
             row.update(status="ok", **t, peak_extra_bytes=common.peak_extra_bytes(fn, device))
         except Exception as e:  # an OOM or a failure is a result, not the end of the benchmark
             row["status"] = "OOM" if common.is_oom(e) else f"failed: {type(e).__name__}: {str(e)[:200]}"
@@ -94,19 +96,27 @@ def run_embedding(shape, dtype: torch.dtype, device: torch.device, args, backend
     fns = {
         "backward": lambda: torch.ops.aten.embedding_dense_backward(G.reshape(-1, p), tokens.reshape(-1), V, -1, False),
         "norms": lambda: functional.embedding_sq_norms(tokens, G, num_embeddings=V, backend=backend, check_ids=False),
-        "torch norms": lambda: functional.embedding_sq_norms(tokens, G, num_embeddings=V, backend="torch",
-                                                             check_ids=False),
+        "torch norms": lambda: functional.embedding_sq_norms(
+            tokens, G, num_embeddings=V, backend="torch", check_ids=False
+        ),
         "clipped grad": lambda: functional.embedding_clipped_grad(
-            tokens, G, c, num_embeddings=V, noise_std=1.0, generator=key, backend=backend, check_ids=False),
-        "noise alone": lambda: functional.gaussian_noise((V, p), std=1.0, generator=key, device=device,
-                                                         backend=backend),
+            tokens, G, c, num_embeddings=V, noise_std=1.0, generator=key, backend=backend, check_ids=False
+        ),
+        "noise alone": lambda: functional.gaussian_noise(
+            (V, p), std=1.0, generator=key, device=device, backend=backend
+        ),
     }
     check = None
     if args.check:  # the fused norms against the torch reference on the same data
         a, b = fns["norms"](), fns["torch norms"]()
         check = float(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item())
-    return {"layer": "embedding", "shape": f"B={B} T={T} V={V} p={p}", "dtype": common.dtype_name(dtype),
-            "check_rel_err": check, "rows": _time(fns, device, args, "backward")}
+    return {
+        "layer": "embedding",
+        "shape": f"B={B} T={T} V={V} p={p}",
+        "dtype": common.dtype_name(dtype),
+        "check_rel_err": check,
+        "rows": _time(fns, device, args, "backward"),
+    }
 
 
 def run_conv(shape, dtype: torch.dtype, device: torch.device, args, backend: str) -> Dict[str, Any]:
@@ -131,16 +141,22 @@ def run_conv(shape, dtype: torch.dtype, device: torch.device, args, backend: str
         "norms ghost": norms("ghost", backend),
         "norms direct": norms("direct", backend),
         "torch norms": norms("auto", "torch"),
-        "clipped grad": lambda: functional.conv_clipped_grad(x, G, c, w_shape, noise_std=1.0, generator=key,
-                                                             backend=backend, **conv),
+        "clipped grad": lambda: functional.conv_clipped_grad(
+            x, G, c, w_shape, noise_std=1.0, generator=key, backend=backend, **conv
+        ),
     }
     check = None
     if args.check:
         a, b = fns["norms auto"](), fns["torch norms"]()
         check = float(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item())
     desc = f"Conv2d B={B} C_in={C_in} {HW}x{HW} C_out={C_out} k={k}" + (f" groups={groups}" if groups > 1 else "")
-    return {"layer": "conv2d", "shape": desc, "dtype": common.dtype_name(dtype), "check_rel_err": check,
-            "rows": _time(fns, device, args, "backward")}
+    return {
+        "layer": "conv2d",
+        "shape": desc,
+        "dtype": common.dtype_name(dtype),
+        "check_rel_err": check,
+        "rows": _time(fns, device, args, "backward"),
+    }
 
 
 def run_norm(shape, dtype: torch.dtype, device: torch.device, args, backend: str) -> Dict[str, Any]:
@@ -177,6 +193,7 @@ def run_norm(shape, dtype: torch.dtype, device: torch.device, args, backend: str
 
         def per_example(be):
             return lambda: functional.group_norm_per_example_grads(x, G, groups, mean=mean, rstd=rstd, backend=be)
+
     G = common.randn(tuple(x.shape), dtype=dtype, device=device, gen=gen, scale=1e-2)
     c = torch.rand(B, generator=gen, device=device) * 0.9 + 0.1
     gw, _ = per_example(backend)()
@@ -191,23 +208,43 @@ def run_norm(shape, dtype: torch.dtype, device: torch.device, args, backend: str
     if args.check:
         ref, _ = per_example("torch")()
         check = float(((gw - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item())
-    return {"layer": kind + "_norm", "shape": desc, "dtype": common.dtype_name(dtype), "check_rel_err": check,
-            "rows": _time(fns, device, args, "backward")}
+    return {
+        "layer": kind + "_norm",
+        "shape": desc,
+        "dtype": common.dtype_name(dtype),
+        "check_rel_err": check,
+        "rows": _time(fns, device, args, "backward"),
+    }
 
 
 def render(results: List[Dict[str, Any]], backend: str) -> str:
-    parts = [f"Median ms per call (CUDA events after warm-up, L2 flushed), dpkernels backend {backend}; "
-             "'ratio' is to 'backward' (what non-private backward does for this parameter). 'check': max relative "
-             "difference of the fused result from the torch reference on the same data."]
+    parts = [
+        f"Median ms per call (CUDA events after warm-up, L2 flushed), dpkernels backend {backend}; "
+        "'ratio' is to 'backward' (what non-private backward does for this parameter). 'check': max relative "
+        "difference of the fused result from the torch reference on the same data."
+    ]
     for res in results:
-        parts.append(f"### {res['shape']} — {res['dtype']}"
-                     + (f" (check {res['check_rel_err']:.1e})" if res.get("check_rel_err") is not None else "")
-                     + (f"\n\nskipped: {res['skipped']}" if res.get("skipped") else ""))
+        parts.append(
+            f"### {res['shape']} — {res['dtype']}"
+            + (f" (check {res['check_rel_err']:.1e})" if res.get("check_rel_err") is not None else "")
+            + (f"\n\nskipped: {res['skipped']}" if res.get("skipped") else "")
+        )
         if res.get("rows"):
-            parts.append(md_table(
-                ["op", "ms", "ratio", "peak extra", "status"],
-                [[r["op"], common.fmt(r.get("median_ms")), common.fmt(r.get("ratio")),
-                  fmt_bytes(r.get("peak_extra_bytes")), r["status"]] for r in res["rows"]]))
+            parts.append(
+                md_table(
+                    ["op", "ms", "ratio", "peak extra", "status"],
+                    [
+                        [
+                            r["op"],
+                            common.fmt(r.get("median_ms")),
+                            common.fmt(r.get("ratio")),
+                            fmt_bytes(r.get("peak_extra_bytes")),
+                            r["status"],
+                        ]
+                        for r in res["rows"]
+                    ],
+                )
+            )
     return "\n\n".join(parts)
 
 
@@ -230,28 +267,42 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.warmup, args.min_reps, args.max_reps, args.target_ms = 5, 10, 100, 100.0
     budget = common.Budget(args.budget_s)
     env = common.env_record(device, script="bench_layer_ops", dp_backend=backend, smoke=args.smoke)
-    print(f"# embedding, conv and norm-layer ops on {env['device']} (backend {backend}; commit {env['dpkernels_commit']})",
-          flush=True)
+    print(
+        f"# embedding, conv and norm-layer ops on {env['device']} "
+        f"(backend {backend}; commit {env['dpkernels_commit']})",
+        flush=True,
+    )
 
-    jobs = ([(run_embedding, s) for s in emb_shapes] + [(run_conv, s) for s in conv_shapes]
-            + [(run_norm, s) for s in norm_shapes])
+    jobs = (
+        [(run_embedding, s) for s in emb_shapes]
+        + [(run_conv, s) for s in conv_shapes]
+        + [(run_norm, s) for s in norm_shapes]
+    )
     results: List[Dict[str, Any]] = []
     for run, shape in jobs:
         for name in args.dtypes:
             dt = common.DTYPES[name]
             if budget.exhausted():
-                results.append({"shape": str(shape), "dtype": name, "skipped": f"time budget of {args.budget_s:.0f} s spent"})
+                results.append(
+                    {"shape": str(shape), "dtype": name, "skipped": f"time budget of {args.budget_s:.0f} s spent"}
+                )
                 continue
             try:
                 res = run(shape, dt, device, args, backend)
             except Exception as e:
-                res = {"shape": str(shape), "dtype": name,
-                       "skipped": "OOM" if common.is_oom(e) else f"failed: {type(e).__name__}: {str(e)[:200]}"}
+                res = {
+                    "shape": str(shape),
+                    "dtype": name,
+                    "skipped": "OOM" if common.is_oom(e) else f"failed: {type(e).__name__}: {str(e)[:200]}",
+                }
             common.release(device)
             results.append(res)
             for r in res.get("rows", []):
-                print(f"  {res['shape']} {name} {r['op']:<18} {common.fmt(r.get('median_ms')):>9} ms  "
-                      f"x{common.fmt(r.get('ratio'))}  {r['status']}", flush=True)
+                print(
+                    f"  {res['shape']} {name} {r['op']:<18} {common.fmt(r.get('median_ms')):>9} ms  "
+                    f"x{common.fmt(r.get('ratio'))}  {r['status']}",
+                    flush=True,
+                )
             if res.get("skipped"):
                 print(f"  {res['shape']} {name}: {res['skipped']}", flush=True)
 

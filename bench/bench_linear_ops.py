@@ -23,6 +23,7 @@ that every row does the weight-gradient work the GEMM does and nothing else.
     python bench/bench_linear_ops.py                 # GPU: the issue's shapes, fp32 and bf16
     TRITON_INTERPRET=1 python bench/bench_linear_ops.py --smoke    # CPU check of the script
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,7 +39,13 @@ import torch  # noqa: E402
 from bench import common  # noqa: E402
 from bench.common import fmt_bytes, md_table  # noqa: E402
 
-SHAPES = [(32, 256, 768, 768), (32, 256, 768, 3072), (32, 1024, 768, 2304), (16, 2048, 4096, 4096), (256, 1, 1024, 1024)]
+SHAPES = [
+    (32, 256, 768, 768),
+    (32, 256, 768, 3072),
+    (32, 1024, 768, 2304),
+    (16, 2048, 4096, 4096),
+    (256, 1, 1024, 1024),
+]
 SMOKE_SHAPES = [(2, 16, 32, 48), (2, 40, 24, 16), (8, 1, 32, 32)]
 DTYPES = ["float32", "bfloat16"]
 
@@ -135,8 +142,9 @@ def measure_ceilings(device: torch.device, dtypes: List[torch.dtype], smoke: boo
 # ------------------------------------------------------------------ one configuration ------
 
 
-def run_config(shape, dtype: torch.dtype, device: torch.device, args, backend: str,
-               ceilings: Dict[str, Any]) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
+def run_config(
+    shape, dtype: torch.dtype, device: torch.device, args, backend: str, ceilings: Dict[str, Any]
+) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
     from dpkernels import functional
     from dpkernels.ops import linear_sq_norms as lsn
     from dpkernels.ops.philox import PhiloxKey
@@ -147,7 +155,11 @@ def run_config(shape, dtype: torch.dtype, device: torch.device, args, backend: s
     need = 2 * B * T * (d + p) * elem
     free = common.free_bytes(device)
     summary: Dict[str, Any] = {
-        "B": B, "T": T, "d": d, "p": p, "dtype": common.dtype_name(dtype),
+        "B": B,
+        "T": T,
+        "d": d,
+        "p": p,
+        "dtype": common.dtype_name(dtype),
         "auto_method": choose_method(T, d, p),
         "floor_ratio": floor_ratio(T, d, p),
         "gemm_flops": flops("gemm", B, T, d, p),
@@ -187,10 +199,16 @@ def run_config(shape, dtype: torch.dtype, device: torch.device, args, backend: s
         "torch_ghost": torch_ref("ghost"),
         "torch_per_example": torch_ref("direct"),
         "clipped_grad": lambda: functional.linear_clipped_grad(
-            x, G, c, bias=bias, noise_std=1.0, generator=key, backend=backend),
+            x, G, c, bias=bias, noise_std=1.0, generator=key, backend=backend
+        ),
     }
-    methods = {"norms_auto": choose_method(T, d, p), "norms_ghost": "ghost" if T > 1 else "rowwise",
-               "norms_direct": "direct" if T > 1 else "rowwise", "torch_ghost": "ghost", "torch_per_example": "direct"}
+    methods = {
+        "norms_auto": choose_method(T, d, p),
+        "norms_ghost": "ghost" if T > 1 else "rowwise",
+        "norms_direct": "direct" if T > 1 else "rowwise",
+        "torch_ghost": "ghost",
+        "torch_per_example": "direct",
+    }
 
     # correctness first: fused results against the float32 torch references (fresh random data)
     checks: Dict[str, Optional[float]] = {}
@@ -228,8 +246,12 @@ def run_config(shape, dtype: torch.dtype, device: torch.device, args, backend: s
     for op in OPS:
         if op not in args.ops:
             continue
-        row: Dict[str, Any] = {"op": op, "label": LABELS[op], "method": methods.get(op, ""),
-                               "backend": "torch" if op in ("gemm", "torch_ghost", "torch_per_example") else backend}
+        row: Dict[str, Any] = {
+            "op": op,
+            "label": LABELS[op],
+            "method": methods.get(op, ""),
+            "backend": "torch" if op in ("gemm", "torch_ghost", "torch_per_example") else backend,
+        }
         fl = flops(op, B, T, d, p, methods.get(op))
         row["flops"] = fl
         if op in ("norms_auto", "norms_ghost", "norms_direct", "clipped_grad"):
@@ -245,8 +267,14 @@ def run_config(shape, dtype: torch.dtype, device: torch.device, args, backend: s
             fns[op]()  # prime: compiles / autotunes outside the warm-up estimate
             common.sync(device)
             row["peak_extra_bytes"] = common.peak_extra_bytes(fns[op], device)
-            t = common.time_fn(fns[op], device, warmup=args.warmup, min_reps=args.min_reps,
-                               max_reps=args.max_reps, target_ms=args.target_ms)
+            t = common.time_fn(
+                fns[op],
+                device,
+                warmup=args.warmup,
+                min_reps=args.min_reps,
+                max_reps=args.max_reps,
+                target_ms=args.target_ms,
+            )
             row.update(t)
             row["tflops"] = fl / (t.ms * 1e-3) / 1e12
             row["gbps_inputs"] = summary["bytes_inputs"] / (t.ms * 1e-3) / 1e9  # one read of x and G
@@ -286,8 +314,12 @@ def floor_note(s: Dict[str, Any]) -> str:
     return f"min(T(d+p)/(dp),1) = {s['floor_ratio']:.3f} (auto: {choose_method(T, d, p)})"
 
 
-def render(summaries: List[Dict[str, Any]], all_rows: List[Tuple[Dict[str, Any], List[Dict[str, Any]]]],
-           ceilings: Dict[str, Any], backend: str) -> str:
+def render(
+    summaries: List[Dict[str, Any]],
+    all_rows: List[Tuple[Dict[str, Any], List[Dict[str, Any]]]],
+    ceilings: Dict[str, Any],
+    backend: str,
+) -> str:
     out = []
     out.append("## Ceilings measured on this device\n")
     out.append(md_table(["quantity", "value"], [[k, v] for k, v in ceilings.items()]))
@@ -297,8 +329,19 @@ def render(summaries: List[Dict[str, Any]], all_rows: List[Tuple[Dict[str, Any],
         "arithmetic (T=1: memory-bound, one read of x and G). FLOPs: GEMM 2BTdp; ghost "
         "2BT²(d+p) halved by symmetry; direct 2BTdp.\n"
     )
-    hdr = ["shape (B,T,d,p)", "dtype", "auto picks", "floor", "GEMM GFLOP", "ghost GFLOP", "direct GFLOP",
-           "GEMM ms", "GEMM TFLOP/s", "best fused norm / GEMM", "note"]
+    hdr = [
+        "shape (B,T,d,p)",
+        "dtype",
+        "auto picks",
+        "floor",
+        "GEMM GFLOP",
+        "ghost GFLOP",
+        "direct GFLOP",
+        "GEMM ms",
+        "GEMM TFLOP/s",
+        "best fused norm / GEMM",
+        "note",
+    ]
     body = []
     for s in summaries:
         gemm_tf = s["gemm_flops"] / (s["gemm_ms"] * 1e-3) / 1e12 if s.get("gemm_ms") else None
@@ -307,24 +350,59 @@ def render(summaries: List[Dict[str, Any]], all_rows: List[Tuple[Dict[str, Any],
             floor_cell = "memory-bound" + (f" ({mf:.3f})" if mf is not None else "")
         else:
             floor_cell = f"{s['floor_ratio']:.3f}"
-        body.append([shape_str(s), s["dtype"], s["auto_method"], floor_cell,
-                     s["gemm_flops"] / 1e9, s["ghost_flops"] / 1e9, s["direct_flops"] / 1e9,
-                     s.get("gemm_ms"), gemm_tf, s.get("best_fused_norm_ratio"),
-                     s.get("skipped") or floor_note(s)])
+        body.append(
+            [
+                shape_str(s),
+                s["dtype"],
+                s["auto_method"],
+                floor_cell,
+                s["gemm_flops"] / 1e9,
+                s["ghost_flops"] / 1e9,
+                s["direct_flops"] / 1e9,
+                s.get("gemm_ms"),
+                gemm_tf,
+                s.get("best_fused_norm_ratio"),
+                s.get("skipped") or floor_note(s),
+            ]
+        )
     out.append(md_table(hdr, body))
     out.append(f"\n## Per op (dpkernels backend: {backend})\n")
-    out.append("ratio = median time / median time of the weight-grad GEMM of the same shape and dtype; "
-               "peak extra = max allocated during one call minus allocated before it (inputs).\n")
-    hdr = ["shape", "dtype", "op", "method", "ms (median)", "ratio to GEMM", "TFLOP/s", "GB/s (x,G once)",
-           "peak extra mem", "rel. err vs torch", "status"]
+    out.append(
+        "ratio = median time / median time of the weight-grad GEMM of the same shape and dtype; "
+        "peak extra = max allocated during one call minus allocated before it (inputs).\n"
+    )
+    hdr = [
+        "shape",
+        "dtype",
+        "op",
+        "method",
+        "ms (median)",
+        "ratio to GEMM",
+        "TFLOP/s",
+        "GB/s (x,G once)",
+        "peak extra mem",
+        "rel. err vs torch",
+        "status",
+    ]
     body = []
     for s, rows in all_rows:
         for r in rows:
             err = r.get("rel_err_vs_torch")
-            body.append([shape_str(s), s["dtype"], r["label"], r.get("method"), r.get("median_ms"),
-                         r.get("ratio_to_gemm"), r.get("tflops"), r.get("gbps_inputs"),
-                         fmt_bytes(r.get("peak_extra_bytes")),
-                         f"{err:.1e}" if isinstance(err, float) else "–", r.get("status")])
+            body.append(
+                [
+                    shape_str(s),
+                    s["dtype"],
+                    r["label"],
+                    r.get("method"),
+                    r.get("median_ms"),
+                    r.get("ratio_to_gemm"),
+                    r.get("tflops"),
+                    r.get("gbps_inputs"),
+                    fmt_bytes(r.get("peak_extra_bytes")),
+                    f"{err:.1e}" if isinstance(err, float) else "–",
+                    r.get("status"),
+                ]
+            )
     out.append(md_table(hdr, body))
     return "\n".join(out)
 
@@ -335,8 +413,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--dtypes", nargs="+", default=DTYPES, choices=sorted(common.DTYPES))
     ap.add_argument("--shapes", nargs="+", default=None, help="B,T,d,p ... (default: the issue's five)")
     ap.add_argument("--ops", nargs="+", default=OPS, choices=OPS)
-    ap.add_argument("--backend", default=None, help="dpkernels backend of the fused rows (default triton; "
-                    "smoke: triton under TRITON_INTERPRET=1, else torch)")
+    ap.add_argument(
+        "--backend",
+        default=None,
+        help="dpkernels backend of the fused rows (default triton; smoke: triton under TRITON_INTERPRET=1, else torch)",
+    )
     ap.add_argument("--bias", action="store_true", help="include the bias term in norms and clipped grad")
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--min-reps", type=int, default=None)
@@ -366,7 +447,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     budget = common.Budget(args.budget_s)
 
     env = common.env_record(device, script="bench_linear_ops", dp_backend=backend, bias=args.bias, smoke=args.smoke)
-    print(f"# linear ops on {env['device']} (dpkernels backend {backend}; commit {env['dpkernels_commit']})", flush=True)
+    print(
+        f"# linear ops on {env['device']} (dpkernels backend {backend}; commit {env['dpkernels_commit']})", flush=True
+    )
     ceilings = measure_ceilings(device, dtypes, args.smoke)
     print("  ceilings: " + ", ".join(f"{k}={v:.1f}" for k, v in ceilings.items()), flush=True)
 
@@ -374,11 +457,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     for shape in shapes:
         for dt in dtypes:
             if budget.exhausted():
-                s = {"B": shape[0], "T": shape[1], "d": shape[2], "p": shape[3], "dtype": common.dtype_name(dt),
-                     "auto_method": choose_method(*shape[1:]), "floor_ratio": floor_ratio(*shape[1:]),
-                     "gemm_flops": flops("gemm", *shape), "ghost_flops": flops("norms_ghost", *shape),
-                     "direct_flops": flops("norms_direct", *shape),
-                     "skipped": f"time budget of {args.budget_s:.0f} s spent"}
+                s = {
+                    "B": shape[0],
+                    "T": shape[1],
+                    "d": shape[2],
+                    "p": shape[3],
+                    "dtype": common.dtype_name(dt),
+                    "auto_method": choose_method(*shape[1:]),
+                    "floor_ratio": floor_ratio(*shape[1:]),
+                    "gemm_flops": flops("gemm", *shape),
+                    "ghost_flops": flops("norms_ghost", *shape),
+                    "direct_flops": flops("norms_direct", *shape),
+                    "skipped": f"time budget of {args.budget_s:.0f} s spent",
+                }
                 print(f"  skip {shape} {s['dtype']}: {s['skipped']}", flush=True)
                 summaries.append(s)
                 all_rows.append((s, []))
@@ -388,8 +479,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             common.release(device)  # the configuration's tensors died with run_config's frame
             for r in rows:
                 if r.get("status") == "ok":
-                    print(f"    {r['op']:<18} {r['median_ms']:9.4f} ms  x{r.get('ratio_to_gemm', float('nan')):6.2f}  "
-                          f"{r['tflops']:8.2f} TFLOP/s  +{fmt_bytes(r.get('peak_extra_bytes'))}", flush=True)
+                    print(
+                        f"    {r['op']:<18} {r['median_ms']:9.4f} ms  x{r.get('ratio_to_gemm', float('nan')):6.2f}  "
+                        f"{r['tflops']:8.2f} TFLOP/s  +{fmt_bytes(r.get('peak_extra_bytes'))}",
+                        flush=True,
+                    )
             summaries.append(s)
             all_rows.append((s, rows))
 

@@ -31,6 +31,7 @@ example, clip, sum): all engines must compute the same clipped gradient.
     python bench/bench_step.py                       # GPU
     TRITON_INTERPRET=1 python bench/bench_step.py --smoke
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,10 +70,16 @@ WORKLOADS = {
 }
 SMOKE_WORKLOADS = {
     "gpt": ("gpt", models.GPTConfig(vocab=97, seq=8, d_model=32, n_layer=2, n_head=2, d_mlp=64, batch=4)),
-    "gpt_all": ("gpt", models.GPTConfig(vocab=97, seq=8, d_model=32, n_layer=2, n_head=2, d_mlp=64, batch=4,
-                                        train_all=True)),
-    "gpt_tied": ("gpt", models.GPTConfig(vocab=97, seq=8, d_model=32, n_layer=2, n_head=2, d_mlp=64, batch=4,
-                                         train_all=True, tied=True)),
+    "gpt_all": (
+        "gpt",
+        models.GPTConfig(vocab=97, seq=8, d_model=32, n_layer=2, n_head=2, d_mlp=64, batch=4, train_all=True),
+    ),
+    "gpt_tied": (
+        "gpt",
+        models.GPTConfig(
+            vocab=97, seq=8, d_model=32, n_layer=2, n_head=2, d_mlp=64, batch=4, train_all=True, tied=True
+        ),
+    ),
     "stack_T1": ("stack", models.StackConfig(width=32, depth=3, batch=8, seq=1)),
     "stack_T256": ("stack", models.StackConfig(width=32, depth=3, batch=4, seq=6)),
 }
@@ -92,7 +99,9 @@ class Workload:
         return models.build(self.kind, self.cfg, seed=self.args.seed, device=self.device, dtype=self.param_dtype)
 
     def batch(self):
-        return models.make_batch(self.kind, self.cfg, seed=self.args.seed + 1, device=self.device, dtype=self.param_dtype)
+        return models.make_batch(
+            self.kind, self.cfg, seed=self.args.seed + 1, device=self.device, dtype=self.param_dtype
+        )
 
     def amp(self):
         if not self.autocast:
@@ -183,9 +192,15 @@ def _opacus_common(w: Workload, mode: str):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         out = engine.make_private(
-            module=model, optimizer=opt, data_loader=loader, criterion=criterion,
-            noise_multiplier=w.args.sigma, max_grad_norm=w.args.max_grad_norm,
-            poisson_sampling=False, loss_reduction="mean", clipping="flat",
+            module=model,
+            optimizer=opt,
+            data_loader=loader,
+            criterion=criterion,
+            noise_multiplier=w.args.sigma,
+            max_grad_norm=w.args.max_grad_norm,
+            poisson_sampling=False,
+            loss_reduction="mean",
+            clipping="flat",
             grad_sample_mode=mode,
         )
     return out, x, y, engine
@@ -254,9 +269,16 @@ def build_dpkernels(w: Workload):
     opt = w.optimizer(model.parameters())
     x, y = w.batch()
     model, dp_opt = dpkernels.make_private(
-        model, opt, noise_multiplier=w.args.sigma, max_grad_norm=w.args.max_grad_norm,
-        expected_batch_size=w.B, loss_reduction="mean", seed=w.args.seed + 7,
-        norm_method=w.args.norm_method, backend=w.args.dp_backend, clipping=getattr(w.args, "clipping", "flat"),
+        model,
+        opt,
+        noise_multiplier=w.args.sigma,
+        max_grad_norm=w.args.max_grad_norm,
+        expected_batch_size=w.B,
+        loss_reduction="mean",
+        seed=w.args.seed + 7,
+        norm_method=w.args.norm_method,
+        backend=w.args.dp_backend,
+        clipping=getattr(w.args, "clipping", "flat"),
     )
 
     def step():
@@ -300,14 +322,14 @@ def reference_clipped_grad(w: Workload) -> Dict[str, torch.Tensor]:
     sq = []
     for i in range(B):
         with w.amp():
-            loss = models.lm_loss(model(x[i:i + 1]), y[i:i + 1])
+            loss = models.lm_loss(model(x[i : i + 1]), y[i : i + 1])
         grads = torch.autograd.grad(loss, [p for _, p in params])
         sq.append(sum(g.float().square().sum() for g in grads))
     c = (C / (torch.stack(sq).sqrt() + 1e-6)).clamp(max=1.0)
     acc = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params}
     for i in range(B):
         with w.amp():
-            loss = models.lm_loss(model(x[i:i + 1]), y[i:i + 1])
+            loss = models.lm_loss(model(x[i : i + 1]), y[i : i + 1])
         grads = torch.autograd.grad(loss, [p for _, p in params])
         for (n, _), g in zip(params, grads):
             acc[n] += c[i] * g.float()
@@ -364,8 +386,14 @@ def run_mode(w: Workload, mode: str, ref: Optional[Dict[str, torch.Tensor]]) -> 
 
 def run_workload(name: str, kind: str, cfg, dtype_opt: str, device: torch.device, args) -> Dict[str, Any]:
     w = Workload(name, kind, cfg, device, dtype_opt, args)
-    out: Dict[str, Any] = {"workload": name, "kind": kind, "config": models.config_dict(cfg),
-                           "describe": cfg.describe(), "dtype": dtype_opt, "modes": []}
+    out: Dict[str, Any] = {
+        "workload": name,
+        "kind": kind,
+        "config": models.config_dict(cfg),
+        "describe": cfg.describe(),
+        "dtype": dtype_opt,
+        "modes": [],
+    }
     ref = None
     if args.check and args.clipping == "flat":  # the reference loop clips flat, as the other engines do
         try:
@@ -382,8 +410,11 @@ def run_workload(name: str, kind: str, cfg, dtype_opt: str, device: torch.device
         out["modes"].append(r)
         if r["status"] == "ok":
             err = r.get("grad_rel_err_vs_loop")
-            print(f"    {mode:<13} {r['median_ms']:10.3f} ms/step  peak {fmt_bytes(r.get('peak_bytes')):>11}"
-                  + (f"  grad err vs loop {err:.1e}" if err is not None else ""), flush=True)
+            print(
+                f"    {mode:<13} {r['median_ms']:10.3f} ms/step  peak {fmt_bytes(r.get('peak_bytes')):>11}"
+                + (f"  grad err vs loop {err:.1e}" if err is not None else ""),
+                flush=True,
+            )
         else:
             print(f"    {mode:<13} {r['status']}", flush=True)
     del ref
@@ -407,7 +438,8 @@ def render(results: List[Dict[str, Any]], args) -> str:
         f"{args.clipping}. ms/step: median over "
         f"{args.steps} timed steps after {args.warmup} warm-up ({args.clock} around each whole step). "
         "Peak: max memory allocated during the timed steps (steady state after warm-up, so Triton's "
-        "autotuning is not counted; parameters, optimizer state, batch and activations included). Ratios are to non-private on the same model and dtype. "
+        "autotuning is not counted; parameters, optimizer state, batch and activations included). "
+        "Ratios are to non-private on the same model and dtype. "
         "'grad err': relative L2 error of the first step's zero-noise gradient against a per-example "
         "loop (one backward per example).\n"
     ]
@@ -418,10 +450,23 @@ def render(results: List[Dict[str, Any]], args) -> str:
         rows = []
         for r in res["modes"]:
             err = r.get("grad_rel_err_vs_loop")
-            rows.append([r["mode"], r.get("median_ms"), r.get("time_ratio"), fmt_bytes(r.get("peak_bytes")),
-                         r.get("memory_ratio"), f"{err:.1e}" if isinstance(err, float) else "–", r["status"]])
-        parts.append(md_table(["mode", "ms/step", "time / non-private", "peak memory", "memory / non-private",
-                               "grad err", "status"], rows))
+            rows.append(
+                [
+                    r["mode"],
+                    r.get("median_ms"),
+                    r.get("time_ratio"),
+                    fmt_bytes(r.get("peak_bytes")),
+                    r.get("memory_ratio"),
+                    f"{err:.1e}" if isinstance(err, float) else "–",
+                    r["status"],
+                ]
+            )
+        parts.append(
+            md_table(
+                ["mode", "ms/step", "time / non-private", "peak memory", "memory / non-private", "grad err", "status"],
+                rows,
+            )
+        )
         parts.append("")
     return "\n".join(parts)
 
@@ -431,20 +476,37 @@ def main(argv: Optional[List[str]] = None) -> int:
     common.add_common_args(ap)
     ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     ap.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
-    ap.add_argument("--dtype", nargs="+", default=None, choices=DTYPE_CHOICES,
-                    help="float32, bfloat16 (pure-bf16 model) or autocast-bf16 (default: float32 bfloat16; smoke: float32)")
+    ap.add_argument(
+        "--dtype",
+        nargs="+",
+        default=None,
+        choices=DTYPE_CHOICES,
+        help="float32, bfloat16 (pure-bf16 model) or autocast-bf16 (default: float32 bfloat16; smoke: float32)",
+    )
     ap.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
     ap.add_argument("--sigma", type=float, default=1.0, help="noise multiplier")
     ap.add_argument("--max-grad-norm", type=float, default=1.0)
     ap.add_argument("--norm-method", default="auto", choices=["auto", "ghost", "direct"])
-    ap.add_argument("--clipping", default="flat", choices=["flat", "automatic", "per_layer"],
-                    help="dpkernels clipping style (the other engines always clip flat)")
-    ap.add_argument("--dp-backend", default=None, help="dpkernels backend (default auto; smoke: triton "
-                    "under TRITON_INTERPRET=1, else torch)")
+    ap.add_argument(
+        "--clipping",
+        default="flat",
+        choices=["flat", "automatic", "per_layer"],
+        help="dpkernels clipping style (the other engines always clip flat)",
+    )
+    ap.add_argument(
+        "--dp-backend",
+        default=None,
+        help="dpkernels backend (default auto; smoke: triton under TRITON_INTERPRET=1, else torch)",
+    )
     ap.add_argument("--steps", type=int, default=None, help="timed steps (>= 20 on a GPU)")
     ap.add_argument("--warmup", type=int, default=None, help="warm-up steps (>= 5 on a GPU)")
-    ap.add_argument("--check", dest="check", action="store_true", default=None,
-                    help="compare each private mode's zero-noise gradient with a per-example loop")
+    ap.add_argument(
+        "--check",
+        dest="check",
+        action="store_true",
+        default=None,
+        help="compare each private mode's zero-noise gradient with a per-example loop",
+    )
     ap.add_argument("--no-check", dest="check", action="store_false")
     args = ap.parse_args(argv)
 
@@ -467,9 +529,15 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     if importlib.util.find_spec("opacus") is None:  # the Opacus modes will then report "failed: ..."
         print("note: opacus is not installed; see bench/README.md for carrying the wheel", flush=True)
-    env = common.env_record(device, script="bench_step", dp_backend=args.dp_backend or "auto",
-                            optimizer=args.optimizer, sigma=args.sigma, max_grad_norm=args.max_grad_norm,
-                            smoke=args.smoke)
+    env = common.env_record(
+        device,
+        script="bench_step",
+        dp_backend=args.dp_backend or "auto",
+        optimizer=args.optimizer,
+        sigma=args.sigma,
+        max_grad_norm=args.max_grad_norm,
+        smoke=args.smoke,
+    )
     print(f"# full step on {env['device']} (commit {env['dpkernels_commit']})", flush=True)
 
     results = []
@@ -478,9 +546,16 @@ def main(argv: Optional[List[str]] = None) -> int:
             kind, cfg = workloads[name]
             if budget.exhausted():
                 print(f"- {name} [{dtype_opt}]: skipped, time budget of {args.budget_s:.0f} s spent", flush=True)
-                results.append({"workload": name, "kind": kind, "config": models.config_dict(cfg),
-                                "describe": cfg.describe(), "dtype": dtype_opt,
-                                "modes": [{"mode": m, "status": "skipped: time budget spent"} for m in args.modes]})
+                results.append(
+                    {
+                        "workload": name,
+                        "kind": kind,
+                        "config": models.config_dict(cfg),
+                        "describe": cfg.describe(),
+                        "dtype": dtype_opt,
+                        "modes": [{"mode": m, "status": "skipped: time budget spent"} for m in args.modes],
+                    }
+                )
                 continue
             results.append(run_workload(name, kind, cfg, dtype_opt, device, args))
 

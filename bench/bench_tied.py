@@ -14,6 +14,7 @@
     python bench/bench_tied.py                 # writes bench/results/tied-<device>-<date>.{md,json}
     python bench/bench_tied.py --smoke         # tiny shapes, /tmp
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,21 +45,34 @@ def kernel_rows(shape: Dict[str, int], device: torch.device, dtype: torch.dtype,
     ge = common.randn((B, T, d), dtype=dtype, device=device, gen=gen)
     x = common.randn((B, T, d), dtype=dtype, device=device, gen=gen)
     gh = common.randn((B, T, V), dtype=dtype, device=device, gen=gen)
-    cross = common.time_fn(lambda: functional.embedding_linear_cross(tok, ge, x, gh), device, warmup=2, min_reps=5,
-                           max_reps=50)
+    cross = common.time_fn(
+        lambda: functional.embedding_linear_cross(tok, ge, x, gh), device, warmup=2, min_reps=5, max_reps=50
+    )
     gemm = common.time_fn(lambda: gh.reshape(-1, V).t() @ x.reshape(-1, d), device, warmup=2, min_reps=5, max_reps=50)
     return {
-        "shape": shape, "dtype": common.dtype_name(dtype),
-        "cross_ms": cross.ms, "gemm_ms": gemm.ms, "ratio": cross.ms / gemm.ms,
-        "cross_floor_gflop": 2 * B * T * T * d / 1e9, "gemm_floor_gflop": 2 * B * T * d * V / 1e9,
+        "shape": shape,
+        "dtype": common.dtype_name(dtype),
+        "cross_ms": cross.ms,
+        "gemm_ms": gemm.ms,
+        "ratio": cross.ms / gemm.ms,
+        "cross_floor_gflop": 2 * B * T * T * d / 1e9,
+        "gemm_floor_gflop": 2 * B * T * d * V / 1e9,
         "backend": "triton" if device.type == "cuda" else "torch",
     }
 
 
 def step_rows(cfg_kw: Dict[str, Any], device: torch.device, args: argparse.Namespace) -> List[Dict[str, Any]]:
     step_args = argparse.Namespace(
-        seed=args.seed, optimizer="sgd", sigma=1.0, max_grad_norm=1.0, norm_method="auto", clipping="flat",
-        dp_backend=args.dp_backend, steps=args.steps, warmup=args.warmup, check=args.check,
+        seed=args.seed,
+        optimizer="sgd",
+        sigma=1.0,
+        max_grad_norm=1.0,
+        norm_method="auto",
+        clipping="flat",
+        dp_backend=args.dp_backend,
+        steps=args.steps,
+        warmup=args.warmup,
+        check=args.check,
         modes=["non_private", "dpkernels"],
     )
     out = []
@@ -69,23 +83,55 @@ def step_rows(cfg_kw: Dict[str, Any], device: torch.device, args: argparse.Names
 
 
 def render(kernel: List[Dict[str, Any]], steps: List[Dict[str, Any]], label: str) -> str:
-    parts = ["## Cross term vs the head's weight-gradient GEMM\n",
-             common.md_table(["B, T, d, V", "dtype", "backend", "cross term ms", "head GEMM ms", "cross / GEMM",
-                              "floors (GFLOP)"],
-                             [[", ".join(str(r["shape"][k]) for k in "BTdV"), r["dtype"], r["backend"], r["cross_ms"],
-                               r["gemm_ms"], r["ratio"], f"{r['cross_floor_gflop']:.3g} / {r['gemm_floor_gflop']:.3g}"]
-                              for r in kernel]),
-             f"\n## Private step, tied vs untied head ({label})\n"]
+    parts = [
+        "## Cross term vs the head's weight-gradient GEMM\n",
+        common.md_table(
+            ["B, T, d, V", "dtype", "backend", "cross term ms", "head GEMM ms", "cross / GEMM", "floors (GFLOP)"],
+            [
+                [
+                    ", ".join(str(r["shape"][k]) for k in "BTdV"),
+                    r["dtype"],
+                    r["backend"],
+                    r["cross_ms"],
+                    r["gemm_ms"],
+                    r["ratio"],
+                    f"{r['cross_floor_gflop']:.3g} / {r['gemm_floor_gflop']:.3g}",
+                ]
+                for r in kernel
+            ],
+        ),
+        f"\n## Private step, tied vs untied head ({label})\n",
+    ]
     rows = []
     for res in steps:
         modes = {m["mode"]: m for m in res["modes"]}
         dp = modes.get("dpkernels", {})
         err = dp.get("grad_rel_err_vs_loop")
-        rows.append([res["workload"], res["describe"], modes.get("non_private", {}).get("median_ms"),
-                     dp.get("median_ms"), dp.get("time_ratio"), f"{err:.1e}" if isinstance(err, float) else "–",
-                     dp.get("status")])
-    parts.append(common.md_table(["workload", "model", "non-private ms", "dpkernels ms", "dpkernels / non-private",
-                                  "grad err vs loop", "status"], rows))
+        rows.append(
+            [
+                res["workload"],
+                res["describe"],
+                modes.get("non_private", {}).get("median_ms"),
+                dp.get("median_ms"),
+                dp.get("time_ratio"),
+                f"{err:.1e}" if isinstance(err, float) else "–",
+                dp.get("status"),
+            ]
+        )
+    parts.append(
+        common.md_table(
+            [
+                "workload",
+                "model",
+                "non-private ms",
+                "dpkernels ms",
+                "dpkernels / non-private",
+                "grad err vs loop",
+                "status",
+            ],
+            rows,
+        )
+    )
     return "\n".join(parts)
 
 
@@ -95,8 +141,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--dp-backend", default=None)
-    ap.add_argument("--no-check", dest="check", action="store_false", default=True,
-                    help="skip the zero-noise gradient check against a per-example loop")
+    ap.add_argument(
+        "--no-check",
+        dest="check",
+        action="store_false",
+        default=True,
+        help="skip the zero-noise gradient check against a per-example loop",
+    )
     args = ap.parse_args(argv)
     # a CPU measurement too (the issue asks for one where no GPU is lent), labelled by its file name
     device = torch.device("cuda") if torch.cuda.is_available() and not args.smoke else torch.device("cpu")
@@ -120,8 +171,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     common.release(device)
     steps = step_rows(step_kw, device, args)
     md = render(kernel, steps, label)
-    paths = common.write_results("tied", device, env, {"kernel": kernel, "steps": steps, "step_shape": label}, md,
-                                 args.out_dir, cpu_results=not args.smoke)
+    paths = common.write_results(
+        "tied",
+        device,
+        env,
+        {"kernel": kernel, "steps": steps, "step_shape": label},
+        md,
+        args.out_dir,
+        cpu_results=not args.smoke,
+    )
     print("\n" + md, flush=True)
     print("wrote " + ", ".join(str(p) for p in paths), flush=True)
     return 0

@@ -11,6 +11,7 @@ Results: ``write_results`` writes ``<name>-<DEVICE>-<date>.md`` and ``.json`` in
 result folder: ``bench/results/`` (GPU runs only) and ``$OUT`` when set. A run on the CPU never
 writes into ``bench/results/``: CPU timings are smoke tests, not results.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -38,8 +39,14 @@ import torch  # noqa: E402
 GiB = 1024**3
 MiB = 1024**2
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -53,9 +60,7 @@ def pick_device(smoke: bool) -> torch.device:
     if torch.cuda.is_available() and not smoke:
         return torch.device("cuda")
     if not smoke:
-        raise SystemExit(
-            "no CUDA GPU here: the benchmarks need one (run with --smoke for a CPU check of the scripts)"
-        )
+        raise SystemExit("no CUDA GPU here: the benchmarks need one (run with --smoke for a CPU check of the scripts)")
     return torch.device("cpu")
 
 
@@ -143,8 +148,20 @@ def env_record(device: torch.device, **extra: Any) -> Dict[str, Any]:
 
 
 def env_markdown(env: Dict[str, Any]) -> str:
-    keys = ["date", "device", "driver", "cuda_runtime", "torch", "triton", "opacus", "python",
-            "dpkernels_commit", "allow_tf32_matmul", "TRITON_INTERPRET", "command"]
+    keys = [
+        "date",
+        "device",
+        "driver",
+        "cuda_runtime",
+        "torch",
+        "triton",
+        "opacus",
+        "python",
+        "dpkernels_commit",
+        "allow_tf32_matmul",
+        "TRITON_INTERPRET",
+        "command",
+    ]
     lines = [f"- {k}: `{env.get(k)}`" for k in keys if k in env]
     lines += [f"- {k}: `{v}`" for k, v in env.items() if k not in keys and not isinstance(v, (dict, list))]
     return "\n".join(lines)
@@ -153,8 +170,9 @@ def env_markdown(env: Dict[str, Any]) -> str:
 # ------------------------------------------------------------------ inputs -----------------
 
 
-def randn(shape: Sequence[int], *, dtype: torch.dtype, device: torch.device, gen: torch.Generator,
-          scale: float = 1.0) -> torch.Tensor:
+def randn(
+    shape: Sequence[int], *, dtype: torch.dtype, device: torch.device, gen: torch.Generator, scale: float = 1.0
+) -> torch.Tensor:
     """Standard normal values (never all zero: timing on zeros flatters and hides bugs)."""
     t = torch.randn(tuple(shape), generator=gen, device=device, dtype=torch.float32)
     if scale != 1.0:
@@ -192,8 +210,11 @@ class Timing(dict):
 
 def _summary(times: List[float], warmup: int) -> Timing:
     return Timing(
-        median_ms=statistics.median(times), min_ms=min(times), max_ms=max(times),
-        reps=len(times), warmup=warmup,
+        median_ms=statistics.median(times),
+        min_ms=min(times),
+        max_ms=max(times),
+        reps=len(times),
+        warmup=warmup,
     )
 
 
@@ -359,8 +380,15 @@ def result_dirs(device: torch.device, out_dir: Optional[str], cpu_results: bool 
     return unique
 
 
-def write_results(name: str, device: torch.device, env: Dict[str, Any], payload: Dict[str, Any],
-                  markdown: str, out_dir: Optional[str] = None, cpu_results: bool = False) -> List[Path]:
+def write_results(
+    name: str,
+    device: torch.device,
+    env: Dict[str, Any],
+    payload: Dict[str, Any],
+    markdown: str,
+    out_dir: Optional[str] = None,
+    cpu_results: bool = False,
+) -> List[Path]:
     """Write ``<name>-<DEVICE>-<date>.md`` / ``.json`` (environment first) into every result folder."""
     stem = f"{name}-{env.get('device_tag', device_tag(device))}-{today()}"
     doc = {"environment": env, **payload}
@@ -374,11 +402,15 @@ def write_results(name: str, device: torch.device, env: Dict[str, Any], payload:
 
 
 def add_common_args(parser) -> None:
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiny shapes, few repetitions, CPU; writes to /tmp only (checks the script runs)")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny shapes, few repetitions, CPU; writes to /tmp only (checks the script runs)",
+    )
     parser.add_argument("--out-dir", default=None, help="write the result files here instead of bench/results/")
-    parser.add_argument("--budget-s", type=float, default=None,
-                        help="skip the configurations that would start after this many seconds")
+    parser.add_argument(
+        "--budget-s", type=float, default=None, help="skip the configurations that would start after this many seconds"
+    )
     parser.add_argument("--seed", type=int, default=0)
 
 

@@ -25,6 +25,7 @@ The memory floor: the layer's grad-output G (B, T, p) is kept from backward to t
     python bench/floor.py              # the step benchmark's workloads, full size
     python bench/floor.py --smoke      # the smoke workloads
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,8 +48,14 @@ def layer_floor(B: int, T: int, d: int, p: int) -> Dict[str, float]:
     F = 2.0 * B * T * d * p
     r = min(T * (d + p) / (d * p), 1.0)
     r_sym = min(T * (d + p) / (2.0 * d * p), 1.0)
-    return {"gemm_flops": F, "r": r, "r_sym": r_sym, "norm_flops": r * F, "norm_flops_sym": r_sym * F,
-            "method": choose_method(T, d, p)}
+    return {
+        "gemm_flops": F,
+        "r": r,
+        "r_sym": r_sym,
+        "norm_flops": r * F,
+        "norm_flops_sym": r_sym * F,
+        "method": choose_method(T, d, p),
+    }
 
 
 def workload_floor(kind: str, cfg) -> Dict[str, Any]:
@@ -56,8 +63,16 @@ def workload_floor(kind: str, cfg) -> Dict[str, Any]:
     layers = []
     for name, d, p, T in models.linear_layers(kind, cfg):
         lf = layer_floor(B, T, d, p)
-        lf.update({"name": name, "d": d, "p": p, "T": T, "G_bytes_fp32": 4.0 * B * T * p,
-                   "xG_bytes_fp32": 4.0 * B * T * (d + p)})
+        lf.update(
+            {
+                "name": name,
+                "d": d,
+                "p": p,
+                "T": T,
+                "G_bytes_fp32": 4.0 * B * T * p,
+                "xG_bytes_fp32": 4.0 * B * T * (d + p),
+            }
+        )
         layers.append(lf)
     base = sum(3 * l["gemm_flops"] for l in layers)
     extra = sum(l["norm_flops"] for l in layers)
@@ -98,12 +113,32 @@ def render(floors: Dict[str, Dict[str, Any]], workloads, measured) -> str:
     for name, f in floors.items():
         kind, cfg = workloads[name]
         meas = measured.get(name, {})
-        rows.append([name, cfg.describe(), f"{f['ratio_floor']:.3f}", f"{f['ratio_floor_sym']:.3f}",
-                     f"{f['ratio_floor_with_attention']:.3f}", fmt_bytes(f["kept_G_bytes_fp32"]),
-                     ", ".join(f"{k}: {v:.2f}" for k, v in meas.items()) or "–"])
+        rows.append(
+            [
+                name,
+                cfg.describe(),
+                f"{f['ratio_floor']:.3f}",
+                f"{f['ratio_floor_sym']:.3f}",
+                f"{f['ratio_floor_with_attention']:.3f}",
+                fmt_bytes(f["kept_G_bytes_fp32"]),
+                ", ".join(f"{k}: {v:.2f}" for k, v in meas.items()) or "–",
+            ]
+        )
     parts.append("## Step-time ratio floor (private / non-private)\n")
-    parts.append(md_table(["workload", "model", "floor", "floor, ghost symmetry", "floor incl. attention",
-                           "kept G (fp32)", "measured dpkernels ratio"], rows))
+    parts.append(
+        md_table(
+            [
+                "workload",
+                "model",
+                "floor",
+                "floor, ghost symmetry",
+                "floor incl. attention",
+                "kept G (fp32)",
+                "measured dpkernels ratio",
+            ],
+            rows,
+        )
+    )
     for name, f in floors.items():
         parts.append(f"\n### {name}: per layer\n")
         seen: Dict[tuple, List[str]] = {}
@@ -113,8 +148,10 @@ def render(floors: Dict[str, Dict[str, Any]], workloads, measured) -> str:
         for (d, p, T), names in seen.items():
             l = next(x for x in f["layers"] if (x["d"], x["p"], x["T"]) == (d, p, T))
             label = names[0] if len(names) == 1 else f"{names[0]} (x{len(names)})"
-            note = (f"memory-bound: reads {fmt_bytes(l['xG_bytes_fp32'])} (fp32)" if T == 1 else "")
-            rows.append([label, d, p, T, l["gemm_flops"] / 1e9, f"{l['r']:.3f}", f"{l['r_sym']:.3f}", l["method"], note])
+            note = f"memory-bound: reads {fmt_bytes(l['xG_bytes_fp32'])} (fp32)" if T == 1 else ""
+            rows.append(
+                [label, d, p, T, l["gemm_flops"] / 1e9, f"{l['r']:.3f}", f"{l['r_sym']:.3f}", l["method"], note]
+            )
         parts.append(md_table(["layer", "d", "p", "T", "GEMM GFLOP", "r", "r (symmetry)", "cheaper", "note"], rows))
     return "\n".join(parts)
 
@@ -122,8 +159,12 @@ def render(floors: Dict[str, Dict[str, Any]], workloads, measured) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_args(ap)
-    ap.add_argument("--compare", default=None, help="a step results JSON to show measured ratios beside the floor "
-                    "(default: today's step file of this device in the output folder, if any)")
+    ap.add_argument(
+        "--compare",
+        default=None,
+        help="a step results JSON to show measured ratios beside the floor "
+        "(default: today's step file of this device in the output folder, if any)",
+    )
     args = ap.parse_args(argv)
     import torch
 
@@ -140,15 +181,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     measured = measured_ratios(compare, workloads)
     env = common.env_record(device, script="floor", compared_with=str(compare) if compare else None, smoke=args.smoke)
     md = render(floors, workloads, measured)
-    payload = {"floors": {k: {**v, "describe": workloads[k][1].describe()} for k, v in floors.items()},
-               "measured_dpkernels_ratio": measured}
+    payload = {
+        "floors": {k: {**v, "describe": workloads[k][1].describe()} for k, v in floors.items()},
+        "measured_dpkernels_ratio": measured,
+    }
     paths = common.write_results("floor", device, env, payload, md, args.out_dir)
     print(md.split("### ")[0], flush=True)
     g = floors.get("gpt")
     if g:
-        print(f"GPT step-time ratio floor (private / non-private): {g['ratio_floor']:.3f} "
-              f"(ghost symmetry {g['ratio_floor_sym']:.3f}; with attention matmuls {g['ratio_floor_with_attention']:.3f})",
-              flush=True)
+        print(
+            f"GPT step-time ratio floor (private / non-private): {g['ratio_floor']:.3f} "
+            f"(ghost symmetry {g['ratio_floor_sym']:.3f}; "
+            f"with attention matmuls {g['ratio_floor_with_attention']:.3f})",
+            flush=True,
+        )
     print("wrote " + ", ".join(str(p) for p in paths), flush=True)
     return 0
 

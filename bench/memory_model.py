@@ -25,6 +25,7 @@ bench_step.py does. Ratios are to non-private on the same model and dtype.
                                             # written to bench/results/memory_model-meta-<date>.md/.json
     python -m bench.memory_model --workloads gpt --dtype float32 --modes non_private dpkernels --timeline
 """
+
 from __future__ import annotations
 
 import argparse
@@ -107,8 +108,9 @@ def gpu_like_execution() -> Iterator[None]:
             raise NotImplementedError("the memory model covers causal SDPA without mask or dropout")
         if q.dtype in (torch.bfloat16, torch.float16):
             return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, is_causal, scale=scale)[0]
-        return torch.ops.aten._scaled_dot_product_efficient_attention(
-            q, k, v, None, True, 0.0, is_causal, scale=scale)[0]
+        return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, is_causal, scale=scale)[
+            0
+        ]
 
     old_sdpa = F.scaled_dot_product_attention
     F.scaled_dot_product_attention = fused_sdpa
@@ -121,8 +123,14 @@ def gpu_like_execution() -> Iterator[None]:
 def _step_args(args: argparse.Namespace) -> argparse.Namespace:
     """The arguments bench_step's mode builders read, for a meta-device run."""
     return argparse.Namespace(
-        seed=0, optimizer=args.optimizer, sigma=1.0, max_grad_norm=1.0, norm_method=args.norm_method,
-        dp_backend="triton", check=False, clipping=getattr(args, "clipping", "flat"),
+        seed=0,
+        optimizer=args.optimizer,
+        sigma=1.0,
+        max_grad_norm=1.0,
+        norm_method=args.norm_method,
+        dp_backend="triton",
+        check=False,
+        clipping=getattr(args, "clipping", "flat"),
     )
 
 
@@ -136,7 +144,9 @@ def measure(kind: str, cfg: Any, mode: str, dtype_opt: str, args: argparse.Names
             step, _set_noise, keep, model = bench_step.BUILDERS[mode](w)
             if mode == "dpkernels":
                 keep[1].check_finite = False  # a finiteness check reads values; meta tensors have none
-            for t in list(model.parameters()) + list(model.buffers()) + [k for k in keep if isinstance(k, torch.Tensor)]:
+            for t in (
+                list(model.parameters()) + list(model.buffers()) + [k for k in keep if isinstance(k, torch.Tensor)]
+            ):
                 tracker.adopt(t)
             step()
             step()
@@ -164,15 +174,23 @@ def run(workloads: Dict[str, Tuple[str, Any]], args: argparse.Namespace) -> List
             for r in rows:
                 if base and r["status"] == "ok":
                     r["peak_ratio"] = r["peak_bytes"] / base
-            results.append({"workload": name, "describe": cfg.describe(), "config": models.config_dict(cfg),
-                            "dtype": dtype_opt, "modes": rows})
+            results.append(
+                {
+                    "workload": name,
+                    "describe": cfg.describe(),
+                    "config": models.config_dict(cfg),
+                    "dtype": dtype_opt,
+                    "modes": rows,
+                }
+            )
     return results
 
 
 def render(results: List[Dict[str, Any]], args: argparse.Namespace) -> str:
     parts = [
         f"Predicted peak memory of one training step (optimizer {args.optimizer}, dpkernels norm method "
-        f"{args.norm_method}, dpkernels clipping {args.clipping}), from a meta-device run counting live tensor storages in 512-byte blocks "
+        f"{args.norm_method}, dpkernels clipping {args.clipping}), from a meta-device run counting live "
+        "tensor storages in 512-byte blocks "
         "(bench/memory_model.py explains what it models and what it does not). 'resident': between two "
         "steps (parameters, gradients, optimizer state, batch); 'peak': the maximum during a step after "
         "two warm-up steps. A prediction, not a GPU measurement.\n"
@@ -182,8 +200,15 @@ def render(results: List[Dict[str, Any]], args: argparse.Namespace) -> str:
         rows = []
         for r in res["modes"]:
             ratio = r.get("peak_ratio")
-            rows.append([r["mode"], fmt_bytes(r.get("resident_bytes")), fmt_bytes(r.get("peak_bytes")),
-                         f"{ratio:.3f}" if ratio is not None else "–", r["status"]])
+            rows.append(
+                [
+                    r["mode"],
+                    fmt_bytes(r.get("resident_bytes")),
+                    fmt_bytes(r.get("peak_bytes")),
+                    f"{ratio:.3f}" if ratio is not None else "–",
+                    r["status"],
+                ]
+            )
         parts.append(md_table(["mode", "resident", "peak in a step", "peak / non-private", "status"], rows))
         parts.append("")
     return "\n".join(parts)
@@ -197,8 +222,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     ap.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
     ap.add_argument("--norm-method", default="auto", choices=["auto", "ghost", "direct"])
-    ap.add_argument("--clipping", default="flat", choices=["flat", "automatic", "per_layer"],
-                    help="dpkernels clipping style (the other engines always clip flat)")
+    ap.add_argument(
+        "--clipping",
+        default="flat",
+        choices=["flat", "automatic", "per_layer"],
+        help="dpkernels clipping style (the other engines always clip flat)",
+    )
     ap.add_argument("--out-dir", default=None, help="result folder (default bench/results/; smoke: /tmp)")
     ap.add_argument("--timeline", action="store_true", help="print live memory after each op of the measured step")
     args = ap.parse_args(argv)
@@ -215,18 +244,28 @@ def main(argv: Optional[List[str]] = None) -> int:
         for r in res["modes"]:
             r.pop("timeline", None)
     md = render(results, args)
-    env = common.env_record(torch.device("cpu"), script="memory_model", optimizer=args.optimizer,
-                            norm_method=args.norm_method, clipping=args.clipping, smoke=args.smoke)
+    env = common.env_record(
+        torch.device("cpu"),
+        script="memory_model",
+        optimizer=args.optimizer,
+        norm_method=args.norm_method,
+        clipping=args.clipping,
+        smoke=args.smoke,
+    )
     env.update(device="meta (predicted; no GPU involved)", device_tag="meta")
     out_dir = Path(args.out_dir) if args.out_dir else (common.SMOKE_DIR if args.smoke else common.RESULTS)
     out_dir.mkdir(parents=True, exist_ok=True)
-    name = "memory_model" + ("" if args.optimizer == "sgd" else f"_{args.optimizer}") + (
-        "" if args.clipping == "flat" else f"_{args.clipping}")
+    name = (
+        "memory_model"
+        + ("" if args.optimizer == "sgd" else f"_{args.optimizer}")
+        + ("" if args.clipping == "flat" else f"_{args.clipping}")
+    )
     stem = out_dir / f"{name}-meta-{common.today()}"
     doc = {"environment": env, "results": results}
     stem.with_suffix(".json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
     stem.with_suffix(".md").write_text(
-        f"# memory model — {env['date']}\n\n## Environment\n\n{common.env_markdown(env)}\n\n{md}\n")
+        f"# memory model — {env['date']}\n\n## Environment\n\n{common.env_markdown(env)}\n\n{md}\n"
+    )
     print(md)
     print(f"wrote {stem}.md, {stem}.json")
     return 0

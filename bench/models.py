@@ -10,6 +10,7 @@ Both models map (B, T) or (B, T, d) inputs to logits (B, T, V) (T may be 1 for t
 that one loss serves every mode: cross-entropy over the last dimension, averaged over the
 tokens of an example and then over the batch (``lm_loss``).
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -232,6 +233,15 @@ def config_dict(cfg) -> dict:
 
 
 __all__ = [
-    "StackConfig", "LinearStack", "GPTConfig", "GPT", "DemoConfig", "lm_loss", "build", "make_batch",
-    "linear_layers", "attention_flops", "config_dict",
+    "StackConfig",
+    "LinearStack",
+    "GPTConfig",
+    "GPT",
+    "DemoConfig",
+    "lm_loss",
+    "build",
+    "make_batch",
+    "linear_layers",
+    "attention_flops",
+    "config_dict",
 ]

@@ -9,6 +9,7 @@ step-*.json       -> one PNG: time and peak memory / non-private per workload an
                      floor of floor-*.json of the same device and date marked when it exists.
 A PNG is written next to its JSON (same name, .png) unless --out-dir is given.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,7 +32,9 @@ def _plt():
 
 def _title(doc: dict, what: str) -> str:
     env = doc.get("environment", {})
-    return f"{what} — {env.get('device', '?')} — {env.get('date', '?')[:10]} — {str(env.get('dpkernels_commit', ''))[:10]}"
+    return (
+        f"{what} — {env.get('device', '?')} — {env.get('date', '?')[:10]} — {str(env.get('dpkernels_commit', ''))[:10]}"
+    )
 
 
 def plot_linear_ops(path: Path, out_dir: Path) -> List[Path]:
@@ -41,8 +44,11 @@ def plot_linear_ops(path: Path, out_dir: Path) -> List[Path]:
     written = []
     for dtype in sorted({c["summary"]["dtype"] for c in configs}):
         cs = [c for c in configs if c["summary"]["dtype"] == dtype]
-        ops = [op for op in ("norms_auto", "norms_ghost", "norms_direct", "torch_ghost", "torch_per_example", "clipped_grad")
-               if any(r["op"] == op for c in cs for r in c["rows"])]
+        ops = [
+            op
+            for op in ("norms_auto", "norms_ghost", "norms_direct", "torch_ghost", "torch_per_example", "clipped_grad")
+            if any(r["op"] == op for c in cs for r in c["rows"])
+        ]
         if not ops:
             continue
         fig, ax = plt.subplots(figsize=(max(8, 2.2 * len(cs)), 4.8))
@@ -59,13 +65,16 @@ def plot_linear_ops(path: Path, out_dir: Path) -> List[Path]:
             s = c["summary"]
             fl = s.get("norm_memory_floor_ratio") if s["T"] == 1 else s.get("floor_ratio")
             if fl:
-                ax.hlines(fl, i - 0.45, i + 0.45, colors="k", linestyles="dashed",
-                          label="norm floor" if i == 0 else None)
+                ax.hlines(
+                    fl, i - 0.45, i + 0.45, colors="k", linestyles="dashed", label="norm floor" if i == 0 else None
+                )
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_yscale("log")
         ax.set_xticks(range(len(cs)))
-        ax.set_xticklabels([f"B={c['summary']['B']} T={c['summary']['T']}\nd={c['summary']['d']} p={c['summary']['p']}"
-                            for c in cs], fontsize=8)
+        ax.set_xticklabels(
+            [f"B={c['summary']['B']} T={c['summary']['T']}\nd={c['summary']['d']} p={c['summary']['p']}" for c in cs],
+            fontsize=8,
+        )
         ax.set_ylabel("time / weight-grad GEMM")
         ax.set_title(_title(doc, f"linear ops, {dtype}"), fontsize=9)
         ax.legend(fontsize=7, ncol=2)
@@ -87,11 +96,17 @@ def plot_step(path: Path, out_dir: Path) -> List[Path]:
     floor_path = path.with_name(path.name.replace("step-", "floor-", 1))
     if floor_path.exists():
         floors = {k: v["ratio_floor"] for k, v in json.loads(floor_path.read_text()).get("floors", {}).items()}
-    modes = [m for m in ("naive", "opacus_hooks", "opacus_ghost", "dpkernels")
-             if any(x["mode"] == m for r in results for x in r["modes"])]
+    modes = [
+        m
+        for m in ("naive", "opacus_hooks", "opacus_ghost", "dpkernels")
+        if any(x["mode"] == m for r in results for x in r["modes"])
+    ]
     fig, axes = plt.subplots(1, 2, figsize=(max(10, 2.4 * len(results)), 4.8))
     width = 0.8 / max(1, len(modes))
-    for ax, key, label in ((axes[0], "time_ratio", "ms/step / non-private"), (axes[1], "memory_ratio", "peak memory / non-private")):
+    for ax, key, label in (
+        (axes[0], "time_ratio", "ms/step / non-private"),
+        (axes[1], "memory_ratio", "peak memory / non-private"),
+    ):
         for j, m in enumerate(modes):
             xs, ys = [], []
             for i, r in enumerate(results):
@@ -103,8 +118,14 @@ def plot_step(path: Path, out_dir: Path) -> List[Path]:
         if key == "time_ratio":
             for i, r in enumerate(results):
                 if r["workload"] in floors:
-                    ax.hlines(floors[r["workload"]], i - 0.45, i + 0.45, colors="k", linestyles="dashed",
-                              label="floor" if i == 0 else None)
+                    ax.hlines(
+                        floors[r["workload"]],
+                        i - 0.45,
+                        i + 0.45,
+                        colors="k",
+                        linestyles="dashed",
+                        label="floor" if i == 0 else None,
+                    )
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_yscale("log")
         ax.set_xticks(range(len(results)))

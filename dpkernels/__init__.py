@@ -6,9 +6,10 @@
 Submodules: ``functional`` (kernels' public API), ``nn`` (DP layers, ``convert``), ``engine``
 (``make_private``, ``DPOptimizer``, ``PoissonSampler``), ``accounting`` (privacy accountants;
 numpy/scipy only), ``integrations`` (Opacus, Hugging Face transformers, timm); ``verify`` checks
-a model's private gradient against a float64 per-example loop. Attributes are imported lazily so that ``dpkernels.accounting`` works
-without torch.
+a model's private gradient against a float64 per-example loop. Attributes are imported lazily
+so that ``dpkernels.accounting`` works without torch.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -22,6 +22,7 @@ RuntimeError with the reason), and the kernels ``philox_normal(numel, key, offse
 ``add_normal_(out, std, key)``, ``philox4x32(numel, key, offset=0)``, ``conv_patches(...)``,
 and ``isa()``, the vector path of the noise in use (avx512, avx2 or scalar).
 """
+
 from __future__ import annotations
 
 import ctypes.util
@@ -63,8 +64,7 @@ def _build() -> ModuleType:
     verbose = os.environ.get("DPKERNELS_VERBOSE_BUILD") == "1"
     build_dir = Path(cpp_extension._get_build_directory(_JIT_NAME, verbose))
     if not any(build_dir.glob(f"{_JIT_NAME}*.so")):
-        print("dpkernels: compiling the CPU kernels (csrc/*_cpu.cpp), once per machine...",
-              file=sys.stderr, flush=True)
+        print("dpkernels: compiling the CPU kernels (csrc/*_cpu.cpp), once per machine...", file=sys.stderr, flush=True)
     cflags, ldflags = ["-O3", "-ffp-contract=off", "-Wno-psabi"], []
     if _openmp_backend():  # at::parallel_for is inline OpenMP: without -fopenmp it runs on one thread
         cflags.append("-fopenmp")
@@ -73,8 +73,12 @@ def _build() -> ModuleType:
         cflags.append("-DDPK_HAVE_LIBMVEC")
         ldflags.append("-lmvec")
     return cpp_extension.load(
-        name=_JIT_NAME, sources=[str(src) for src in sources], extra_include_paths=[str(csrc_dir())],
-        extra_cflags=cflags, extra_ldflags=ldflags, verbose=verbose,
+        name=_JIT_NAME,
+        sources=[str(src) for src in sources],
+        extra_include_paths=[str(csrc_dir())],
+        extra_cflags=cflags,
+        extra_ldflags=ldflags,
+        verbose=verbose,
     )
 
 
@@ -138,8 +142,16 @@ def philox4x32(numel: int, key: PhiloxKey, offset: int = 0) -> torch.Tensor:
     return load().philox4x32(int(numel), key.seed_lo, key.seed_hi, key.step, key.stream, int(offset))
 
 
-def conv_patches(x: torch.Tensor, groups: int, kernel: tuple, stride: tuple, pad_top_left: tuple, dilation: tuple,
-                 out_size: tuple) -> torch.Tensor:
+def conv_patches(
+    x: torch.Tensor, groups: int, kernel: tuple, stride: tuple, pad_top_left: tuple, dilation: tuple, out_size: tuple
+) -> torch.Tensor:
     """(g, B, L, d) patches of x (B, C, H, W) with zero padding (see csrc/patches_cpu.cpp)."""
-    return load().conv_patches(x, int(groups), *map(int, kernel), *map(int, stride), *map(int, pad_top_left),
-                               *map(int, dilation), *map(int, out_size))
+    return load().conv_patches(
+        x,
+        int(groups),
+        *map(int, kernel),
+        *map(int, stride),
+        *map(int, pad_top_left),
+        *map(int, dilation),
+        *map(int, out_size),
+    )

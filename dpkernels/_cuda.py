@@ -30,6 +30,7 @@ RuntimeError with the reason), ``attempted() -> bool``, ``csrc_dir() -> Path``, 
     int64 ``(numel, 4)``: the four Philox-4x32-10 output words (as unsigned 32-bit values) of the raw
     counters ``offset + j`` (the cipher alone, for tests; not element indices).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -135,9 +136,7 @@ def _jit_compile() -> ModuleType:
 
     cuda_home = cpp_extension.CUDA_HOME
     if cuda_home is None:
-        raise _Unavailable(
-            "no CUDA toolkit to JIT-compile csrc/ with: nvcc is not on PATH and CUDA_HOME is not set"
-        )
+        raise _Unavailable("no CUDA toolkit to JIT-compile csrc/ with: nvcc is not on PATH and CUDA_HOME is not set")
     nvcc = Path(cuda_home) / "bin" / ("nvcc.exe" if os.name == "nt" else "nvcc")
     if not nvcc.exists():
         raise _Unavailable(f"no nvcc at {nvcc} (CUDA_HOME={cuda_home}) to JIT-compile csrc/ with")

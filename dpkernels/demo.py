@@ -2,15 +2,17 @@
 
     python -m dpkernels.demo [--epsilon 3] [--epochs 20] [--device cpu|cuda] [--model mlp|cnn|gpt2]
 
-Trains the same model (an MLP; or with ``--model cnn`` a small CNN with GroupNorm) twice — non-private and with dpkernels (flat clipping, Poisson sampling,
-noise calibrated by the PLD accountant to the target ε at δ = 1e-5) — and prints test accuracy,
-the ε actually spent, and the median step time of each, with their ratio.
+Trains the same model (an MLP; or with ``--model cnn`` a small CNN with GroupNorm) twice —
+non-private and with dpkernels (flat clipping, Poisson sampling, noise calibrated by the PLD
+accountant to the target ε at δ = 1e-5) — and prints test accuracy, the ε actually spent, and the
+median step time of each, with their ratio.
 
 ``--model gpt2`` fine-tunes a small randomly initialised byte-level GPT-2 (Hugging Face
 transformers) the same two ways on the docstrings of Python's standard library (no download;
 ``dpkernels.demo_text``) with Adam, and prints held-out perplexity instead of accuracy (and the
 untrained model's, about 256: a uniform guess over the bytes).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,9 +69,14 @@ def make_model(seed: int, kind: str = "mlp") -> nn.Module:
     if kind == "cnn":  # the 64 pixels as an 8×8 image; GroupNorm, not BatchNorm (which mixes examples)
         return nn.Sequential(
             nn.Unflatten(1, (1, 8, 8)),
-            nn.Conv2d(1, 16, 3, padding=1), nn.GroupNorm(4, 16), nn.ReLU(),
-            nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.GroupNorm(8, 32), nn.ReLU(),
-            nn.Flatten(), nn.Linear(32 * 4 * 4, 10),
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.GroupNorm(4, 16),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1, stride=2),
+            nn.GroupNorm(8, 32),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(32 * 4 * 4, 10),
         )
     raise ValueError(f"unknown model {kind!r}; choose one of {sorted(MODELS)}")
 
@@ -113,7 +120,8 @@ def digits_task(data: Tuple[torch.Tensor, ...], args: argparse.Namespace) -> Tas
     """Digits classification with the MLP or CNN, SGD with momentum 0.9, test accuracy."""
     x_tr, y_tr, x_te, y_te = data
     return Task(
-        n_train=len(x_tr), device=x_tr.device,
+        n_train=len(x_tr),
+        device=x_tr.device,
         make_model=lambda: make_model(args.seed, args.model).to(x_tr.device),
         make_optimizer=lambda model: torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9),
         loss=lambda model, idx: F.cross_entropy(model(x_tr[idx]), y_tr[idx]),
@@ -126,7 +134,8 @@ def text_task(train_tokens: torch.Tensor, held_out_tokens: torch.Tensor, args: a
     from dpkernels import demo_text
 
     return Task(
-        n_train=len(train_tokens), device=train_tokens.device,
+        n_train=len(train_tokens),
+        device=train_tokens.device,
         make_model=lambda: demo_text.make_gpt2(args.seed, GPT2_SEQ_LEN).to(train_tokens.device),
         make_optimizer=lambda model: torch.optim.Adam(model.parameters(), lr=args.lr),
         loss=lambda model, idx: demo_text.lm_loss(model, train_tokens[idx]),
@@ -151,8 +160,13 @@ def train(
     if private:
         accountant = PLDAccountant()
         model, optimizer = dpkernels.make_private(
-            model, optimizer, noise_multiplier=noise_multiplier, max_grad_norm=args.max_grad_norm,
-            expected_batch_size=args.batch_size, accountant=accountant, sample_rate=q,
+            model,
+            optimizer,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=args.max_grad_norm,
+            expected_batch_size=args.batch_size,
+            accountant=accountant,
+            sample_rate=q,
         )
     sampler = PoissonSampler(n, q, steps, generator=torch.Generator().manual_seed(args.seed + 1))
     times: List[float] = []
@@ -185,7 +199,9 @@ def _load_task(args: argparse.Namespace, device: torch.device) -> Tuple[Task, st
     """The task of ``args.model`` and the line describing its data and model."""
     if args.model != "gpt2":
         data = load_digits_split(device)
-        return digits_task(data, args), f"digits: {len(data[0])} train / {len(data[2])} test examples, {MODELS[args.model]}"
+        return digits_task(
+            data, args
+        ), f"digits: {len(data[0])} train / {len(data[2])} test examples, {MODELS[args.model]}"
     from dpkernels import demo_text
 
     demo_text.require_transformers()
@@ -194,9 +210,11 @@ def _load_task(args: argparse.Namespace, device: torch.device) -> Tuple[Task, st
     untrained = task.make_model()
     n_params = sum(p.numel() for p in untrained.parameters())
     n_tokens = train_tokens.numel() + held_out_tokens.numel()
-    line = (f"stdlib docstrings: {len(train_tokens)} train / {len(held_out_tokens)} held-out chunks of "
-            f"T={GPT2_SEQ_LEN} bytes ({n_tokens:,} tokens), {MODELS[args.model]}, {n_params:,} parameters\n"
-            f"untrained model: held-out perplexity {task.evaluate(untrained):.2f} (uniform over the bytes: 256)")
+    line = (
+        f"stdlib docstrings: {len(train_tokens)} train / {len(held_out_tokens)} held-out chunks of "
+        f"T={GPT2_SEQ_LEN} bytes ({n_tokens:,} tokens), {MODELS[args.model]}, {n_params:,} parameters\n"
+        f"untrained model: held-out perplexity {task.evaluate(untrained):.2f} (uniform over the bytes: 256)"
+    )
     return task, line
 
 
@@ -205,8 +223,9 @@ def main(argv: List[str] | None = None) -> None:
     parser.add_argument("--epsilon", type=float, default=3.0, help="target ε (δ below)")
     parser.add_argument("--delta", type=float, default=1e-5)
     parser.add_argument("--epochs", type=float, default=None, help="default 20 (gpt2: 12)")
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help="expected (Poisson) batch size; default 128 (gpt2: 64)")
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="expected (Poisson) batch size; default 128 (gpt2: 64)"
+    )
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
     parser.add_argument("--lr", type=float, default=None, help="default 0.05 (gpt2: 0.003, Adam)")
     parser.add_argument("--seed", type=int, default=0)
@@ -223,11 +242,15 @@ def main(argv: List[str] | None = None) -> None:
     sigma = calibrate_noise_multiplier(
         target_epsilon=args.epsilon, delta=args.delta, sample_rate=q, steps=steps, accountant="pld"
     )
-    print(f"dpkernels {dpkernels.__version__} | device {device} | backends "
-          + ", ".join(k for k, v in dpkernels.backends(load_cuda=False).items() if v["available"]))
+    print(
+        f"dpkernels {dpkernels.__version__} | device {device} | backends "
+        + ", ".join(k for k, v in dpkernels.backends(load_cuda=False).items() if v["available"])
+    )
     print(data_line)
-    print(f"DP-SGD: sample rate q={q:.4f} (expected batch {args.batch_size}), {steps} steps, "
-          f"clip C={args.max_grad_norm}, noise multiplier σ={sigma:.3f} (calibrated for ε={args.epsilon}, δ={args.delta})")
+    print(
+        f"DP-SGD: sample rate q={q:.4f} (expected batch {args.batch_size}), {steps} steps, "
+        f"clip C={args.max_grad_norm}, noise multiplier σ={sigma:.3f} (calibrated for ε={args.epsilon}, δ={args.delta})"
+    )
 
     metric_np, t_np, _ = train(False, task, args, 0.0)
     metric_dp, t_dp, eps = train(True, task, args, sigma)

@@ -18,6 +18,7 @@ Model: a small, randomly initialised ``transformers.GPT2LMHeadModel`` with its o
 layer (``tie_word_embeddings=False``: make_private refuses a parameter shared by two layers, and
 tied input/output embeddings are exactly that).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -31,10 +32,34 @@ import torch.nn as nn
 VOCAB_SIZE = 256  # byte values; no special tokens: every example is a full chunk of text
 
 STDLIB_MODULES = (
-    "argparse", "bisect", "collections", "csv", "dataclasses", "datetime", "decimal", "email",
-    "enum", "fractions", "functools", "heapq", "http.client", "inspect", "itertools", "json",
-    "logging", "os", "pathlib", "random", "re", "shutil", "statistics", "string", "textwrap",
-    "typing", "unittest", "urllib.parse",
+    "argparse",
+    "bisect",
+    "collections",
+    "csv",
+    "dataclasses",
+    "datetime",
+    "decimal",
+    "email",
+    "enum",
+    "fractions",
+    "functools",
+    "heapq",
+    "http.client",
+    "inspect",
+    "itertools",
+    "json",
+    "logging",
+    "os",
+    "pathlib",
+    "random",
+    "re",
+    "shutil",
+    "statistics",
+    "string",
+    "textwrap",
+    "typing",
+    "unittest",
+    "urllib.parse",
 )
 
 
@@ -43,8 +68,11 @@ def _public_members(module: object) -> Iterator[object]:
     non-underscore names defined in the module itself; sorted by name."""
     names = getattr(module, "__all__", None)
     if names is None:
-        names = [n for n in dir(module) if not n.startswith("_")
-                 and getattr(getattr(module, n), "__module__", None) == module.__name__]
+        names = [
+            n
+            for n in dir(module)
+            if not n.startswith("_") and getattr(getattr(module, n), "__module__", None) == module.__name__
+        ]
     for name in sorted(set(names)):
         obj = getattr(module, name, None)
         if inspect.isclass(obj) or inspect.isroutine(obj):
@@ -107,9 +135,17 @@ def make_gpt2(seed: int, seq_len: int, n_embd: int = 64, n_layer: int = 2, n_hea
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(
-        vocab_size=VOCAB_SIZE, n_positions=seq_len, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=False,
-        bos_token_id=None, eos_token_id=None,
+        vocab_size=VOCAB_SIZE,
+        n_positions=seq_len,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=None,
     )
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(config)
@@ -135,7 +171,7 @@ def perplexity(model: nn.Module, tokens: torch.Tensor, batch_size: int = 256) ->
     model.eval()
     total = 0.0
     for start in range(0, len(tokens), batch_size):
-        batch = tokens[start: start + batch_size]
+        batch = tokens[start : start + batch_size]
         total += lm_loss(model, batch).item() * len(batch)
     model.train(was_training)
     return math.exp(total / len(tokens))

@@ -24,6 +24,7 @@ over examples of different lengths is not, and shows up as a mismatch).
 ``max_grad_norm`` defaults to the median of the per-example gradient norms, so that about half
 the examples are clipped and the check covers both sides of the clip.
 """
+
 from __future__ import annotations
 
 import copy
@@ -74,8 +75,11 @@ class VerifyReport:
         return [p for p in self.parameters if not p.ok]
 
     def __str__(self) -> str:
-        verdict = "OK: the private gradient equals the per-example float64 reference" if self.ok else (
-            f"MISMATCH in {len(self.failures())} of {len(self.parameters)} parameters")
+        verdict = (
+            "OK: the private gradient equals the per-example float64 reference"
+            if self.ok
+            else (f"MISMATCH in {len(self.failures())} of {len(self.parameters)} parameters")
+        )
         lines = [
             f"dpkernels.verify: {verdict}",
             f"  B = {self.batch_size}, clipping = {self.clipping}, C = {self.max_grad_norm:.4g}, "
@@ -137,8 +141,9 @@ def verify(
     ``loss_reduction="mean"``, a sum for "sum"). The other arguments are ``make_private``'s.
     ``rtol``: the relative error accepted per parameter, ‖private − reference‖ / max(‖reference‖,
     10⁻⁴ ‖whole reference gradient‖) (the floor for parameters whose true gradient is zero, such
-    as attention's key bias), by default 1e-5 for float32 parameters and 2e-2 for 16-bit ones. Raises what ``make_private``
-    or the private step raises when they refuse the model (that is a verdict too).
+    as attention's key bias), by default 1e-5 for float32 parameters and 2e-2 for 16-bit ones.
+    Raises what ``make_private`` or the private step raises when they refuse the model (that is a
+    verdict too).
     """
     from .engine.make_private import make_private
 
@@ -168,9 +173,19 @@ def verify(
     private = copy.deepcopy(model).eval()
     sgd = torch.optim.SGD([p for p in private.parameters() if p.requires_grad], lr=0.0)
     private, optimizer = make_private(
-        private, sgd, noise_multiplier=0.0, max_grad_norm=max_grad_norm, expected_batch_size=Bbar,
-        loss_reduction=loss_reduction, batch_first=batch_first, clipping=clipping, groups=groups,
-        auto_clip_gamma=auto_clip_gamma, norm_method=norm_method, backend=backend, seed=0,
+        private,
+        sgd,
+        noise_multiplier=0.0,
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=Bbar,
+        loss_reduction=loss_reduction,
+        batch_first=batch_first,
+        clipping=clipping,
+        groups=groups,
+        auto_clip_gamma=auto_clip_gamma,
+        norm_method=norm_method,
+        backend=backend,
+        seed=0,
     )
     loss_fn(private, batch).backward()
     optimizer.write_private_grads()
@@ -213,5 +228,6 @@ def verify(
             rel = float((got.detach().double() - expected[n]).norm()) / max(float(expected[n].norm()), floor, 1e-300)
         tol = rtol if rtol is not None else _tolerance(private_params[n].dtype)
         checks.append(ParameterCheck(n, tuple(t.shape[1:]), rel, tol))
-    return VerifyReport(checks, B, float(max_grad_norm), clipping, float(clipped.double().mean()),
-                        [float(v) for v in norms])
+    return VerifyReport(
+        checks, B, float(max_grad_norm), clipping, float(clipped.double().mean()), [float(v) for v in norms]
+    )

@@ -4,6 +4,7 @@ Run by tests/test_triton_compile.py in a subprocess without TRITON_INTERPRET (th
 replaces kernels by Python functions). Catches what the interpreter does not check: types that
 do not lower, tl.dot shape rules, register/shared-memory layouts. Prints one line per kernel.
 """
+
 from __future__ import annotations
 
 import os
@@ -67,31 +68,91 @@ def main() -> int:
         xg = {"x_ptr": f"*{dt}", "g_ptr": f"*{dt}"}
         jobs = [
             ("rowwise " + dt, lsn._linear_rowwise_kernel, xg, {"HAS_BIAS": True, "BLOCK": 256}, 4, 1),
-            ("ghost " + dt, lsn._linear_ghost_kernel, {**xg, "pairs_ptr": "*i32"},
-             {"HAS_BIAS": True, **flags, "BLOCK_T": 64, "BLOCK_K": 64}, 8, 3),
-            ("direct " + dt, lsn._linear_direct_kernel, xg,
-             {"HAS_BIAS": True, **flags, "BLOCK_P": 128, "BLOCK_D": 128, "BLOCK_T": 64}, 8, 3),
-            ("clipped_grad " + dt, lcg._linear_clipped_grad_kernel, {**xg, "out_ptr": f"*{dt}"},
-             {"HAS_NOISE": True, "ALIGNED2": dt != "fp16", **flags, "BLOCK_P": 128, "BLOCK_D": 128, "BLOCK_K": 64}, 8, 3),
-            ("clip_sum_noise " + dt, csn._clip_sum_noise_kernel, {"g_ptr": f"*{dt}", "out_ptr": f"*{dt}"},
-             {"HAS_NOISE": True, "BLOCK_B": 16, "BLOCK_N": 256}, 4, 2),
-            ("conv_direct " + dt, cvn._conv_direct_kernel, xg,
-             {"KH": 3, "KW": 3, **flags, "BLOCK_P": 64, "BLOCK_D": 64, "BLOCK_L": 32}, 4, 3),
-            ("norm_affine_grads " + dt, nag._norm_affine_grads_kernel, xg,
-             {"HAS_MEAN": True, "WANT_W": True, "WANT_B": True, "BLOCK_R": 32, "BLOCK_N": 128}, 4, 2),
-            ("embedding_rowwise " + dt, emb._embedding_rowwise_kernel, {"tok_ptr": "*i64", "g_ptr": f"*{dt}"},
-             {"BLOCK": 256}, 4, 1),
-            ("embedding_ghost " + dt, emb._embedding_ghost_kernel,
-             {"tok_ptr": "*i32" if dt == "fp16" else "*i64", "g_ptr": f"*{dt}", "pairs_ptr": "*i32"},
-             {**flags, "BLOCK_T": 64, "BLOCK_K": 64}, 8, 3),
-            ("tied_token_linear_cross " + dt, tc._token_linear_cross_kernel,
-             {"tok_ptr": "*i64", "ge_ptr": f"*{dt}", "x_ptr": f"*{dt}", "gh_ptr": f"*{dt}"},
-             {**flags, "BLOCK_S": 32, "BLOCK_T": 32, "BLOCK_K": 32}, 4, 2),
+            (
+                "ghost " + dt,
+                lsn._linear_ghost_kernel,
+                {**xg, "pairs_ptr": "*i32"},
+                {"HAS_BIAS": True, **flags, "BLOCK_T": 64, "BLOCK_K": 64},
+                8,
+                3,
+            ),
+            (
+                "direct " + dt,
+                lsn._linear_direct_kernel,
+                xg,
+                {"HAS_BIAS": True, **flags, "BLOCK_P": 128, "BLOCK_D": 128, "BLOCK_T": 64},
+                8,
+                3,
+            ),
+            (
+                "clipped_grad " + dt,
+                lcg._linear_clipped_grad_kernel,
+                {**xg, "out_ptr": f"*{dt}"},
+                {"HAS_NOISE": True, "ALIGNED2": dt != "fp16", **flags, "BLOCK_P": 128, "BLOCK_D": 128, "BLOCK_K": 64},
+                8,
+                3,
+            ),
+            (
+                "clip_sum_noise " + dt,
+                csn._clip_sum_noise_kernel,
+                {"g_ptr": f"*{dt}", "out_ptr": f"*{dt}"},
+                {"HAS_NOISE": True, "BLOCK_B": 16, "BLOCK_N": 256},
+                4,
+                2,
+            ),
+            (
+                "conv_direct " + dt,
+                cvn._conv_direct_kernel,
+                xg,
+                {"KH": 3, "KW": 3, **flags, "BLOCK_P": 64, "BLOCK_D": 64, "BLOCK_L": 32},
+                4,
+                3,
+            ),
+            (
+                "norm_affine_grads " + dt,
+                nag._norm_affine_grads_kernel,
+                xg,
+                {"HAS_MEAN": True, "WANT_W": True, "WANT_B": True, "BLOCK_R": 32, "BLOCK_N": 128},
+                4,
+                2,
+            ),
+            (
+                "embedding_rowwise " + dt,
+                emb._embedding_rowwise_kernel,
+                {"tok_ptr": "*i64", "g_ptr": f"*{dt}"},
+                {"BLOCK": 256},
+                4,
+                1,
+            ),
+            (
+                "embedding_ghost " + dt,
+                emb._embedding_ghost_kernel,
+                {"tok_ptr": "*i32" if dt == "fp16" else "*i64", "g_ptr": f"*{dt}", "pairs_ptr": "*i32"},
+                {**flags, "BLOCK_T": 64, "BLOCK_K": 64},
+                8,
+                3,
+            ),
+            (
+                "tied_token_linear_cross " + dt,
+                tc._token_linear_cross_kernel,
+                {"tok_ptr": "*i64", "ge_ptr": f"*{dt}", "x_ptr": f"*{dt}", "gh_ptr": f"*{dt}"},
+                {**flags, "BLOCK_S": 32, "BLOCK_T": 32, "BLOCK_K": 32},
+                4,
+                2,
+            ),
         ]
         if dt == "fp32":
             jobs.append(("philox_normal", kt._philox_normal_kernel, {"out": "*fp32"}, {"BLOCK": 1024}, 4, 1))
-            jobs.append(("philox_normal_offset", kt._philox_normal_offset_kernel, {"out": "*fp32", "offset": "i64"},
-                         {"BLOCK": 1024}, 4, 1))
+            jobs.append(
+                (
+                    "philox_normal_offset",
+                    kt._philox_normal_offset_kernel,
+                    {"out": "*fp32", "offset": "i64"},
+                    {"BLOCK": 1024},
+                    4,
+                    1,
+                )
+            )
             jobs.append(("philox_add_noise", kt._philox_add_noise_kernel, {}, {"BLOCK": 1024}, 4, 1))
         for label, fn, ptrs, consts, warps, stages in jobs:
             try:

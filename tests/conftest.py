@@ -5,6 +5,7 @@ reads TRITON_INTERPRET when triton is imported: it is set here, before anything 
 triton (torch alone does not). On a GPU machine the same tests also run with CUDA tensors.
 Tests marked ``gpu`` are skipped where there is no CUDA GPU.
 """
+
 from __future__ import annotations
 
 import os

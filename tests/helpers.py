@@ -1,4 +1,5 @@
 """Small helpers the kernel tests share (they may use dpkernels; the oracle in oracle.py does not)."""
+
 from __future__ import annotations
 
 import math

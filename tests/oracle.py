@@ -4,6 +4,7 @@ Nothing here imports dpkernels. Every quantity the package computes without mate
 per-example gradients (norms, clipped sums, a whole DP-SGD step) is checked against the
 per-example gradients computed here the slow, obvious way: ``vmap(grad(loss_of_one_example))``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -63,6 +64,7 @@ def linear_clipped_sum_oracle(
 
 
 # ------------------------------------------------------------------ linear test inputs ----
+
 
 def _scaled(t: torch.Tensor) -> torch.Tensor:
     """Give each example its own scale, so that mixing examples up changes the answer."""
@@ -187,7 +189,9 @@ def model_per_example_grads(
     return vmap(grad(loss_one), in_dims=(None, 0, 0))(params, x64, tgt)
 
 
-def flat_clipped_mean(per_example: Dict[str, torch.Tensor], max_grad_norm: float, denom: float) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
+def flat_clipped_mean(
+    per_example: Dict[str, torch.Tensor], max_grad_norm: float, denom: float
+) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
     """Flat clipping across ALL parameters: (Σ_i min(1, C/(‖g_i‖+1e-6)) g_i) / denom, and the norms ‖g_i‖."""
     B = next(iter(per_example.values())).shape[0]
     sq = sum(g.reshape(B, -1).square().sum(1) for g in per_example.values())
@@ -217,7 +221,9 @@ def embedding_per_example_grads(
     return vmap(grad(loss_one), in_dims=(None, 0, 0))(w, tokens.detach().long(), g)
 
 
-def embedding_sq_norms_oracle(tokens, grad_output, num_embeddings: int, padding_idx: Optional[int] = None) -> torch.Tensor:
+def embedding_sq_norms_oracle(
+    tokens, grad_output, num_embeddings: int, padding_idx: Optional[int] = None
+) -> torch.Tensor:
     """‖g_i‖², float64 (B,)."""
     return embedding_per_example_grads(tokens, grad_output, num_embeddings, padding_idx).flatten(1).square().sum(1)
 

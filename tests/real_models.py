@@ -7,6 +7,7 @@ original issue's frozen ones (T5's ``shared``, ViT's bare tokens) so both paths 
 Batches have no padding, so a token-mean loss is a mean over examples. Imports happen inside the builders: a
 missing library skips only its cases.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Dict, Tuple
@@ -53,14 +54,31 @@ def gpt2(B: int = 6, T: int = 7) -> Case:
     import transformers as tf
 
     torch.manual_seed(0)
-    cfg = tf.GPT2Config(n_layer=LAYERS, n_embd=D, n_head=HEADS, vocab_size=V, n_positions=64, num_labels=3,
-                        pad_token_id=0, bos_token_id=1, eos_token_id=1)
+    cfg = tf.GPT2Config(
+        n_layer=LAYERS,
+        n_embd=D,
+        n_head=HEADS,
+        vocab_size=V,
+        n_positions=64,
+        num_labels=3,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=1,
+    )
     return _text_classification(tf.GPT2ForSequenceClassification(cfg), B, T)
 
 
 def _encoder_cfg(tf, cls):
-    return cls(hidden_size=D, num_hidden_layers=LAYERS, num_attention_heads=HEADS, intermediate_size=FF,
-               vocab_size=V, max_position_embeddings=64, num_labels=3, pad_token_id=0)
+    return cls(
+        hidden_size=D,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        intermediate_size=FF,
+        vocab_size=V,
+        max_position_embeddings=64,
+        num_labels=3,
+        pad_token_id=0,
+    )
 
 
 def bert(B: int = 6, T: int = 7) -> Case:
@@ -81,15 +99,33 @@ def distilbert(B: int = 6, T: int = 7) -> Case:
     import transformers as tf
 
     torch.manual_seed(0)
-    cfg = tf.DistilBertConfig(dim=D, n_layers=LAYERS, n_heads=HEADS, hidden_dim=FF, vocab_size=V,
-                              max_position_embeddings=64, num_labels=3, pad_token_id=0)
+    cfg = tf.DistilBertConfig(
+        dim=D,
+        n_layers=LAYERS,
+        n_heads=HEADS,
+        hidden_dim=FF,
+        vocab_size=V,
+        max_position_embeddings=64,
+        num_labels=3,
+        pad_token_id=0,
+    )
     return _text_classification(tf.DistilBertForSequenceClassification(cfg), B, T)
 
 
 def _decoder_cfg(cls, **extra):
-    return cls(hidden_size=D, intermediate_size=FF, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-               num_key_value_heads=2, vocab_size=V, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1,
-               eos_token_id=2, **extra)
+    return cls(
+        hidden_size=D,
+        intermediate_size=FF,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=2,
+        vocab_size=V,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        **extra,
+    )
 
 
 def llama(B: int = 6, T: int = 7) -> Case:
@@ -129,13 +165,26 @@ def t5(B: int = 6, T: int = 7, T_dec: int = 5) -> Case:
     import transformers as tf
 
     torch.manual_seed(0)
-    cfg = tf.T5Config(d_model=D, d_ff=FF, num_layers=LAYERS, num_decoder_layers=LAYERS, num_heads=HEADS, d_kv=8,
-                      vocab_size=V, relative_attention_num_buckets=8, tie_word_embeddings=False,
-                      decoder_start_token_id=0, pad_token_id=0)
+    cfg = tf.T5Config(
+        d_model=D,
+        d_ff=FF,
+        num_layers=LAYERS,
+        num_decoder_layers=LAYERS,
+        num_heads=HEADS,
+        d_kv=8,
+        vocab_size=V,
+        relative_attention_num_buckets=8,
+        tie_word_embeddings=False,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+    )
     model = tf.T5ForConditionalGeneration(cfg)
     model.shared.weight.requires_grad_(False)  # shared by the encoder's and decoder's embeddings: next issue
-    batch = {"input_ids": _ids(B, T), "attention_mask": torch.ones(B, T, dtype=torch.long),
-             "labels": _ids(B, T_dec, seed=3)}
+    batch = {
+        "input_ids": _ids(B, T),
+        "attention_mask": torch.ones(B, T, dtype=torch.long),
+        "labels": _ids(B, T_dec, seed=3),
+    }
     return model, batch, _lm
 
 
@@ -143,8 +192,17 @@ def opt(B: int = 6, T: int = 7) -> Case:
     import transformers as tf
 
     torch.manual_seed(0)
-    cfg = tf.OPTConfig(hidden_size=D, ffn_dim=FF, num_hidden_layers=LAYERS, num_attention_heads=HEADS, vocab_size=V,
-                       max_position_embeddings=64, word_embed_proj_dim=D, tie_word_embeddings=False, pad_token_id=0)
+    cfg = tf.OPTConfig(
+        hidden_size=D,
+        ffn_dim=FF,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        vocab_size=V,
+        max_position_embeddings=64,
+        word_embed_proj_dim=D,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+    )
     model = tf.OPTForCausalLM(cfg)
     ids = _ids(B, T)
     return model, {"input_ids": ids, "attention_mask": torch.ones(B, T, dtype=torch.long), "labels": ids.clone()}, _lm
@@ -155,8 +213,9 @@ def gpt2_lm(B: int = 6, T: int = 7) -> Case:
     import transformers as tf
 
     torch.manual_seed(0)
-    cfg = tf.GPT2Config(n_layer=LAYERS, n_embd=D, n_head=HEADS, vocab_size=V, n_positions=64, bos_token_id=1,
-                        eos_token_id=1)
+    cfg = tf.GPT2Config(
+        n_layer=LAYERS, n_embd=D, n_head=HEADS, vocab_size=V, n_positions=64, bos_token_id=1, eos_token_id=1
+    )
     model = tf.GPT2LMHeadModel(cfg)
     assert model.lm_head.weight is model.transformer.wte.weight
     return _causal_lm(model, B, T)
@@ -177,8 +236,16 @@ def opt_tied(B: int = 6, T: int = 7) -> Case:
     import transformers as tf
 
     torch.manual_seed(0)
-    cfg = tf.OPTConfig(hidden_size=D, ffn_dim=FF, num_hidden_layers=LAYERS, num_attention_heads=HEADS, vocab_size=V,
-                       max_position_embeddings=64, word_embed_proj_dim=D, pad_token_id=0)
+    cfg = tf.OPTConfig(
+        hidden_size=D,
+        ffn_dim=FF,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        vocab_size=V,
+        max_position_embeddings=64,
+        word_embed_proj_dim=D,
+        pad_token_id=0,
+    )
     model = tf.OPTForCausalLM(cfg)
     assert model.lm_head.weight is model.model.decoder.embed_tokens.weight
     ids = _ids(B, T)
@@ -190,13 +257,26 @@ def t5_tied(B: int = 6, T: int = 7, T_dec: int = 5) -> Case:
     import transformers as tf
 
     torch.manual_seed(0)
-    cfg = tf.T5Config(d_model=D, d_ff=FF, num_layers=LAYERS, num_decoder_layers=LAYERS, num_heads=HEADS, d_kv=8,
-                      vocab_size=V, relative_attention_num_buckets=8, tie_word_embeddings=True,
-                      decoder_start_token_id=0, pad_token_id=0)
+    cfg = tf.T5Config(
+        d_model=D,
+        d_ff=FF,
+        num_layers=LAYERS,
+        num_decoder_layers=LAYERS,
+        num_heads=HEADS,
+        d_kv=8,
+        vocab_size=V,
+        relative_attention_num_buckets=8,
+        tie_word_embeddings=True,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+    )
     model = tf.T5ForConditionalGeneration(cfg)
     assert model.lm_head.weight is model.shared.weight is model.encoder.embed_tokens.weight
-    batch = {"input_ids": _ids(B, T), "attention_mask": torch.ones(B, T, dtype=torch.long),
-             "labels": _ids(B, T_dec, seed=3)}
+    batch = {
+        "input_ids": _ids(B, T),
+        "attention_mask": torch.ones(B, T, dtype=torch.long),
+        "labels": _ids(B, T_dec, seed=3),
+    }
     return model, batch, _lm
 
 
@@ -208,8 +288,16 @@ def hf_vit(B: int = 6) -> Case:
     import transformers as tf
 
     torch.manual_seed(0)
-    cfg = tf.ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=D, num_hidden_layers=LAYERS,
-                       num_attention_heads=HEADS, intermediate_size=FF, num_labels=3)
+    cfg = tf.ViTConfig(
+        image_size=16,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=D,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        intermediate_size=FF,
+        num_labels=3,
+    )
     model = tf.ViTForImageClassification(cfg)
     model.vit.embeddings.cls_token.requires_grad_(False)  # bare parameters: next issue
     model.vit.embeddings.position_embeddings.requires_grad_(False)
@@ -224,8 +312,16 @@ def timm_vit(B: int = 6) -> Case:
     timm = import_timm()
 
     torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=4, embed_dim=D,
-                              depth=LAYERS, num_heads=HEADS, num_classes=3)
+    model = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=16,
+        patch_size=4,
+        embed_dim=D,
+        depth=LAYERS,
+        num_heads=HEADS,
+        num_classes=3,
+    )
     model.cls_token.requires_grad_(False)  # bare parameters: next issue
     model.pos_embed.requires_grad_(False)
     return model, (_images(B), _labels(B)), _timm_loss
@@ -243,8 +339,17 @@ def timm_vit_all(B: int = 6) -> Case:
     timm = import_timm()
 
     torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=4, embed_dim=D,
-                              depth=LAYERS, num_heads=HEADS, num_classes=3, init_values=0.5)
+    model = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=16,
+        patch_size=4,
+        embed_dim=D,
+        depth=LAYERS,
+        num_heads=HEADS,
+        num_classes=3,
+        init_values=0.5,
+    )
     return model, (_images(B), _labels(B)), _timm_loss
 
 
@@ -261,8 +366,10 @@ def timm_resnet(B: int = 4) -> Case:
 def _lora(model: nn.Module, targets) -> nn.Module:
     import peft
 
-    return peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0,
-                                                      init_lora_weights="gaussian"))
+    return peft.get_peft_model(
+        model,
+        peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0, init_lora_weights="gaussian"),
+    )
 
 
 def _nonzero_lora_b(model: nn.Module) -> nn.Module:
@@ -309,9 +416,26 @@ def torch_encoder(B: int = 6, T: int = 7, batch_first: bool = True) -> Case:
 
 
 CASES: Dict[str, Callable[..., Case]] = {
-    "gpt2": gpt2, "bert": bert, "roberta": roberta, "distilbert": distilbert, "llama": llama, "qwen2": qwen2,
-    "mistral": mistral, "gemma": gemma, "t5": t5, "opt": opt, "hf_vit": hf_vit, "timm_vit": timm_vit,
-    "timm_resnet": timm_resnet, "lora_gpt2": lora_gpt2, "lora_llama": lora_llama, "torch_encoder": torch_encoder,
-    "gpt2_lm_tied": gpt2_lm, "llama_tied": llama_tied, "opt_tied": opt_tied, "t5_tied": t5_tied,
-    "hf_vit_all": hf_vit_all, "timm_vit_all": timm_vit_all,
+    "gpt2": gpt2,
+    "bert": bert,
+    "roberta": roberta,
+    "distilbert": distilbert,
+    "llama": llama,
+    "qwen2": qwen2,
+    "mistral": mistral,
+    "gemma": gemma,
+    "t5": t5,
+    "opt": opt,
+    "hf_vit": hf_vit,
+    "timm_vit": timm_vit,
+    "timm_resnet": timm_resnet,
+    "lora_gpt2": lora_gpt2,
+    "lora_llama": lora_llama,
+    "torch_encoder": torch_encoder,
+    "gpt2_lm_tied": gpt2_lm,
+    "llama_tied": llama_tied,
+    "opt_tied": opt_tied,
+    "t5_tied": t5_tied,
+    "hf_vit_all": hf_vit_all,
+    "timm_vit_all": timm_vit_all,
 }

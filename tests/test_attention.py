@@ -4,6 +4,7 @@ clipping the per-example gradients of nn.MultiheadAttention itself.
 The oracle runs the torch module one example at a time (a batch of one, autograd), in float64:
 independent of the packed/split projection paths and of the attention re-implementation.
 """
+
 from __future__ import annotations
 
 import copy
@@ -88,8 +89,15 @@ def test_same_outputs_as_torch(batch_first, mask_case, need_weights, average):
     out_ref, w_ref = ref(q, k, v, **kw)
     # the private path reimplements the attention: attach an engine to exercise it (the layer is the
     # model, so its own layout is the input's)
-    dpkernels.make_private(dp, torch.optim.SGD(dp.parameters(), lr=0.1), noise_multiplier=0.0, max_grad_norm=1.0,
-                           expected_batch_size=N, backend="torch", batch_first=batch_first)
+    dpkernels.make_private(
+        dp,
+        torch.optim.SGD(dp.parameters(), lr=0.1),
+        noise_multiplier=0.0,
+        max_grad_norm=1.0,
+        expected_batch_size=N,
+        backend="torch",
+        batch_first=batch_first,
+    )
     out, w = dp(q, k, v, **kw)
     torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-6)
     if need_weights:
@@ -98,8 +106,9 @@ def test_same_outputs_as_torch(batch_first, mask_case, need_weights, average):
         assert w is None and w_ref is None
 
 
-@pytest.mark.parametrize("options", [dict(kdim=5, vdim=7), dict(add_zero_attn=True), dict(bias=False),
-                                     dict(add_bias_kv=True)])
+@pytest.mark.parametrize(
+    "options", [dict(kdim=5, vdim=7), dict(add_zero_attn=True), dict(bias=False), dict(add_bias_kv=True)]
+)
 def test_same_outputs_with_options(options):
     N, L, S = 3, 4, 6
     ref = _mha(batch_first=True, **options).eval()
@@ -109,8 +118,14 @@ def test_same_outputs_with_options(options):
         dp.bias_v.requires_grad_(False)
     q, k, v = _inputs(N, L, S, True, options.get("kdim", E), options.get("vdim", E))
     attn_mask, kpm = _masks("both", N, L, S)
-    dpkernels.make_private(dp, torch.optim.SGD([p for p in dp.parameters() if p.requires_grad], lr=0.1),
-                           noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=N, backend="torch")
+    dpkernels.make_private(
+        dp,
+        torch.optim.SGD([p for p in dp.parameters() if p.requires_grad], lr=0.1),
+        noise_multiplier=0.0,
+        max_grad_norm=1.0,
+        expected_batch_size=N,
+        backend="torch",
+    )
     for kw in (dict(need_weights=False), dict(attn_mask=attn_mask, key_padding_mask=kpm)):
         out_ref, _ = ref(q, k, v, **kw)
         out, _ = dp(q, k, v, **kw)
@@ -136,10 +151,15 @@ def _oracle_step(ref_net: _Net, q, k, v, y, C: float, batch_first: bool, masks=(
     for i in range(N):
         sl = [slice(None)] * 3
         sl[bd] = slice(i, i + 1)
-        one = (attn_mask if attn_mask is None or attn_mask.dim() == 2 else attn_mask[i * H:(i + 1) * H],
-               kpm[i:i + 1] if kpm is not None else None)
-        loss = F.cross_entropy(net(q[tuple(sl)].double(), k[tuple(sl)].double(), v[tuple(sl)].double(), *one),
-                               y[i:i + 1], reduction="sum")
+        one = (
+            attn_mask if attn_mask is None or attn_mask.dim() == 2 else attn_mask[i * H : (i + 1) * H],
+            kpm[i : i + 1] if kpm is not None else None,
+        )
+        loss = F.cross_entropy(
+            net(q[tuple(sl)].double(), k[tuple(sl)].double(), v[tuple(sl)].double(), *one),
+            y[i : i + 1],
+            reduction="sum",
+        )
         params = [p for p in net.parameters() if p.requires_grad]
         grads = torch.autograd.grad(loss, params)
         for (n, _), gr in zip([(n, p) for n, p in net.named_parameters() if p.requires_grad], grads):
@@ -148,13 +168,16 @@ def _oracle_step(ref_net: _Net, q, k, v, y, C: float, batch_first: bool, masks=(
     return flat_clipped_mean(per_example, C, N)
 
 
-@pytest.mark.parametrize("cross,batch_first,mask_case,options", [
-    (False, True, "none", {}),            # packed self-attention: one fused product
-    (False, False, "both", {}),           # sequence-first, masks
-    (True, True, "key_padding", {}),      # cross-attention into the packed weight: split products
-    (True, False, "float_attn_3d", dict(kdim=5, vdim=7)),  # separate q/k/v weights
-    (False, True, "none", dict(bias=False)),
-])
+@pytest.mark.parametrize(
+    "cross,batch_first,mask_case,options",
+    [
+        (False, True, "none", {}),  # packed self-attention: one fused product
+        (False, False, "both", {}),  # sequence-first, masks
+        (True, True, "key_padding", {}),  # cross-attention into the packed weight: split products
+        (True, False, "float_attn_3d", dict(kdim=5, vdim=7)),  # separate q/k/v weights
+        (False, True, "none", dict(bias=False)),
+    ],
+)
 def test_private_step_matches_the_oracle(device, backend, cross, batch_first, mask_case, options):
     N, L = 4, 5
     S = 6 if cross else L
@@ -171,8 +194,9 @@ def test_private_step_matches_the_oracle(device, backend, cross, batch_first, ma
     masks = tuple(m.to(device) if m is not None else None for m in masks)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     # the model's input is the attention's: sequence-first when the attention is
-    net, opt = dpkernels.make_private(net, opt, noise_multiplier=0.0, max_grad_norm=C, expected_batch_size=N,
-                                      backend=backend, batch_first=batch_first)
+    net, opt = dpkernels.make_private(
+        net, opt, noise_multiplier=0.0, max_grad_norm=C, expected_batch_size=N, backend=backend, batch_first=batch_first
+    )
     F.cross_entropy(net(q.to(device), k.to(device), v.to(device), *masks), y.to(device)).backward()
     opt.write_private_grads()
     for n, p in net.named_parameters():
@@ -190,27 +214,40 @@ def test_packed_and_split_paths_draw_the_same_noise():
         for sigma in (0.0, 1.0):
             net = copy.deepcopy(base)
             opt = torch.optim.SGD(net.parameters(), lr=0.1)
-            net, opt = dpkernels.make_private(net, opt, noise_multiplier=sigma, max_grad_norm=0.7,
-                                              expected_batch_size=3, seed=5, backend="torch")
+            net, opt = dpkernels.make_private(
+                net, opt, noise_multiplier=sigma, max_grad_norm=0.7, expected_batch_size=3, seed=5, backend="torch"
+            )
             net(q, k, v).sum().backward()
             opt.write_private_grads()
             grads[sigma] = {n: p.grad.clone() for n, p in net.named_parameters()}
         for name in ("in_proj_weight", "in_proj_bias"):
             param = getattr(net.attn, name)
             expected = dpkernels.functional.gaussian_noise(
-                param.shape, std=opt.noise_std, generator=opt._key(param, f"attn.{name}"), backend="torch")
-            torch.testing.assert_close(grads[1.0][f"attn.{name}"] - grads[0.0][f"attn.{name}"], expected,
-                                       rtol=1e-5, atol=1e-6, msg=f"{name} cross={cross}")
+                param.shape, std=opt.noise_std, generator=opt._key(param, f"attn.{name}"), backend="torch"
+            )
+            torch.testing.assert_close(
+                grads[1.0][f"attn.{name}"] - grads[0.0][f"attn.{name}"],
+                expected,
+                rtol=1e-5,
+                atol=1e-6,
+                msg=f"{name} cross={cross}",
+            )
 
 
 def test_refusals():
     with pytest.raises(ValueError, match="add_bias_kv=True: bias_k/bias_v have no per-example clipping path"):
         net = nn.Sequential(_mha(add_bias_kv=True))
-        dpkernels.make_private(net, torch.optim.SGD(net.parameters(), lr=0.1), noise_multiplier=1.0,
-                               max_grad_norm=1.0, expected_batch_size=2)
+        dpkernels.make_private(
+            net,
+            torch.optim.SGD(net.parameters(), lr=0.1),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            expected_batch_size=2,
+        )
     net = _mha(batch_first=True)
-    net, _ = dpkernels.make_private(net, torch.optim.SGD(net.parameters(), lr=0.1), noise_multiplier=1.0,
-                                    max_grad_norm=1.0, expected_batch_size=2)
+    net, _ = dpkernels.make_private(
+        net, torch.optim.SGD(net.parameters(), lr=0.1), noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=2
+    )
     x = torch.randn(5, E)
     with pytest.raises(ValueError, match="needs batched input"):
         net(x, x, x)
@@ -228,8 +265,9 @@ def test_frozen_projections_with_trainable_out_proj():
     mha.in_proj_bias.requires_grad_(False)
     net = _Net(mha, cross=False)
     opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
-    net, opt = dpkernels.make_private(net, opt, noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=2,
-                                      backend="torch")
+    net, opt = dpkernels.make_private(
+        net, opt, noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=2, backend="torch"
+    )
     q, _, _ = _inputs(2, 3, 3, True)
     net(q, q, q).sum().backward()
     opt.step()

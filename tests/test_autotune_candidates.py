@@ -4,6 +4,7 @@ The autotuner chooses by speed alone, so each candidate in dpkernels.ops._triton
 (and the ghost kernel's BLOCK_K choices) is run here directly, on the CPU interpreter, with
 shapes that leave partial tiles in every dimension, against the oracle.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -38,13 +39,26 @@ def test_direct_norm_candidate(device, tile):
     d_cols = D + 1
     out_row = (P + 31) // 32 * ((d_cols + 31) // 32)
     out = torch.zeros((B, out_row), dtype=torch.float32, device=device)
-    grid = ((B, (P + rows - 1) // rows, (d_cols + cols - 1) // cols))
+    grid = (B, (P + rows - 1) // rows, (d_cols + cols - 1) // cols)
     lsn._linear_direct_kernel[grid](
-        x, g, out, T, D, P, out_row, *x.stride(), *g.stride(),
-        HAS_BIAS=True, **kt.dot_flags(x.dtype), BLOCK_P=rows, BLOCK_D=cols, BLOCK_T=red,
+        x,
+        g,
+        out,
+        T,
+        D,
+        P,
+        out_row,
+        *x.stride(),
+        *g.stride(),
+        HAS_BIAS=True,
+        **kt.dot_flags(x.dtype),
+        BLOCK_P=rows,
+        BLOCK_D=cols,
+        BLOCK_T=red,
     )
-    torch.testing.assert_close(out.sum(1).double().cpu(), linear_sq_norms_oracle(x, g, True).double().cpu(),
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        out.sum(1).double().cpu(), linear_sq_norms_oracle(x, g, True).double().cpu(), rtol=1e-5, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("d", [70, 72], ids=["d%4!=0", "d%4==0"])
@@ -64,9 +78,27 @@ def test_clipped_grad_candidate(device, tile, d):
     x2, g2 = x.reshape(B * T, d), g.reshape(B * T, P)
     grid = ((P + rows - 1) // rows, (d + cols - 1) // cols)
     lcg._linear_clipped_grad_kernel[grid](
-        x2, g2, c, out, T, B * T, d, P, x2.stride(0), g2.stride(0),
-        0.5, key.seed_lo, key.seed_hi, key.step, key.stream,
-        HAS_NOISE=True, ALIGNED2=d % 2 == 0, **kt.dot_flags(x.dtype), BLOCK_P=rows, BLOCK_D=cols, BLOCK_K=red,
+        x2,
+        g2,
+        c,
+        out,
+        T,
+        B * T,
+        d,
+        P,
+        x2.stride(0),
+        g2.stride(0),
+        0.5,
+        key.seed_lo,
+        key.seed_hi,
+        key.step,
+        key.stream,
+        HAS_NOISE=True,
+        ALIGNED2=d % 2 == 0,
+        **kt.dot_flags(x.dtype),
+        BLOCK_P=rows,
+        BLOCK_D=cols,
+        BLOCK_K=red,
     )
     ref_w, _ = linear_clipped_sum_oracle(x, g, c, True)
     ref = ref_w.double().cpu() + 0.5 * philox_normal(P * d, key).view(P, d).double()

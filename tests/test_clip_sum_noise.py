@@ -1,4 +1,5 @@
 """clip_sum_noise: Σ_i c_i g_i + σ·z over materialised per-example gradients, both backends."""
+
 from __future__ import annotations
 
 import pytest
@@ -81,7 +82,9 @@ def test_non_contiguous_per_example(device, backend):
 def test_zero_factors_give_pure_noise(device, backend):
     per_example, _ = _inputs((4, 50), device, torch.float32)
     key = PhiloxKey(11, 2, 3)
-    out = functional.clip_sum_noise(per_example, torch.zeros(4, device=device), noise_std=3.0, generator=key, backend=backend)
+    out = functional.clip_sum_noise(
+        per_example, torch.zeros(4, device=device), noise_std=3.0, generator=key, backend=backend
+    )
     _close(out, 3.0 * philox_normal(50, key, device).double(), 1e-6)
 
 

@@ -7,6 +7,7 @@ eager by design (``DPOptimizer.step``: the secret seed never enters a graph). Co
 model run eagerly, noise-free the gradients and weights agree to float32 rounding; with noise, the
 draws are the same for the same seed and step, and fresh at every step.
 """
+
 from __future__ import annotations
 
 import copy
@@ -36,16 +37,22 @@ def _mlp():
 def _cnn():
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU(),
-        nn.Conv2d(4, 8, 3, padding=1, stride=2), nn.GroupNorm(4, 8), nn.ReLU(),
-        nn.Flatten(), nn.Linear(8 * 4 * 4, 5),
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.GroupNorm(2, 4),
+        nn.ReLU(),
+        nn.Conv2d(4, 8, 3, padding=1, stride=2),
+        nn.GroupNorm(4, 8),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 4 * 4, 5),
     )
-    return model, lambda B, seed: (torch.randn(B, 1, 8, 8, generator=torch.Generator().manual_seed(seed)),
-                                   torch.randint(0, 5, (B,), generator=torch.Generator().manual_seed(seed + 1)))
+    return model, lambda B, seed: (
+        torch.randn(B, 1, 8, 8, generator=torch.Generator().manual_seed(seed)),
+        torch.randint(0, 5, (B,), generator=torch.Generator().manual_seed(seed + 1)),
+    )
 
 
-GPT = models.GPTConfig(vocab=500, seq=12, d_model=32, n_layer=2, n_head=4, d_mlp=64, batch=6, train_all=True,
-                       tied=True)
+GPT = models.GPTConfig(vocab=500, seq=12, d_model=32, n_layer=2, n_head=4, d_mlp=64, batch=6, train_all=True, tied=True)
 
 
 def _gpt():
@@ -55,7 +62,9 @@ def _gpt():
 
     def batch(B, seed):
         g = torch.Generator().manual_seed(seed)
-        return torch.randint(0, GPT.vocab, (B, GPT.seq), generator=g), torch.randint(0, GPT.vocab, (B, GPT.seq), generator=g)
+        return torch.randint(0, GPT.vocab, (B, GPT.seq), generator=g), torch.randint(
+            0, GPT.vocab, (B, GPT.seq), generator=g
+        )
 
     return model, batch
 
@@ -74,13 +83,17 @@ class _Encoder(nn.Module):
 
 def _encoder():
     torch.manual_seed(0)
-    return _Encoder(), lambda B, seed: (torch.randn(B, 7, 16, generator=torch.Generator().manual_seed(seed)),
-                                        torch.randint(0, 3, (B,), generator=torch.Generator().manual_seed(seed + 1)))
+    return _Encoder(), lambda B, seed: (
+        torch.randn(B, 7, 16, generator=torch.Generator().manual_seed(seed)),
+        torch.randint(0, 3, (B,), generator=torch.Generator().manual_seed(seed + 1)),
+    )
 
 
 def _classes(d, k):
-    return lambda B, seed: (torch.randn(B, d, generator=torch.Generator().manual_seed(seed)),
-                            torch.randint(0, k, (B,), generator=torch.Generator().manual_seed(seed + 1)))
+    return lambda B, seed: (
+        torch.randn(B, d, generator=torch.Generator().manual_seed(seed)),
+        torch.randint(0, k, (B,), generator=torch.Generator().manual_seed(seed + 1)),
+    )
 
 
 MODELS = {"mlp": _mlp, "cnn": _cnn, "gpt": _gpt, "encoder": _encoder}
@@ -149,7 +162,7 @@ def test_compiled_step_draws_fresh_noise_every_step_and_the_eager_draws():
         _step(model, opt, x, y)
         run = torch.compile(model, fullgraph=True) if compile_ else model
         grads = []
-        for s in range(1, 4):
+        for _ in range(1, 4):
             _step(run, opt, x, y)
             grads.append(_grads(model))
         runs[name] = (grads, {n: opt._streams[id(p)] for n, p in model.named_parameters() if p.requires_grad})
@@ -206,7 +219,7 @@ def test_compiled_gradient_accumulation():
     for model, opt in ((me, oe), (mc, oc)):
         _step(model, opt, x, y)
     compiled = torch.compile(mc)
-    for model, run, opt in ((me, me, oe), (mc, compiled, oc)):
+    for _, run, opt in ((me, me, oe), (mc, compiled, oc)):
         opt.zero_grad()
         for k in range(3):
             x, y = batch(4, 10 + k)
@@ -233,8 +246,13 @@ def test_the_probe_runs_inside_a_compiled_model_and_refusals_hold():
 
     torch.manual_seed(0)
     model = Flattens()
-    model, _ = dpkernels.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=0.0,
-                                      max_grad_norm=1.0, expected_batch_size=4)
+    model, _ = dpkernels.make_private(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        noise_multiplier=0.0,
+        max_grad_norm=1.0,
+        expected_batch_size=4,
+    )
     compiled = torch.compile(model)
     x = torch.randn(4, 5, 4)
     compiled(x).backward()
@@ -293,8 +311,13 @@ def test_a_new_layout_under_compile_runs_the_probe_again(monkeypatch):
 
     torch.manual_seed(0)
     model = Positions()
-    model, opt = dpkernels.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=0.0,
-                                        max_grad_norm=1.0, expected_batch_size=4)
+    model, opt = dpkernels.make_private(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        noise_multiplier=0.0,
+        max_grad_norm=1.0,
+        expected_batch_size=4,
+    )
     ids, y = torch.randint(0, 20, (4, 6)), torch.randint(0, 3, (4,))
     pos = torch.arange(6).expand(4, 6).contiguous()
     _step(lambda i: model(i, pos), opt, ids, y)

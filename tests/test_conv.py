@@ -9,6 +9,7 @@ asymmetric 'same' padding), stride 2, dilation 2 and 3, groups 2 and depthwise, 
 odd channel counts and non-contiguous inputs. Shapes are small: the Triton kernels run in the
 interpreter on the CPU.
 """
+
 from __future__ import annotations
 
 import zlib
@@ -43,8 +44,14 @@ CASES = {
     "2d_replicate": (2, 2, 2, 3, (4, 5), dict(kernel_size=3, padding=2, padding_mode="replicate", bias=False)),
     "1d": (1, 3, 3, 5, (9,), dict(kernel_size=3, padding=1)),
     "1d_same_even_kernel": (1, 2, 2, 3, (8,), dict(kernel_size=4, padding="same")),
-    "1d_reflect_groups_stride": (1, 2, 6, 3, (11,), dict(kernel_size=3, stride=2, padding=2, groups=3,
-                                                          padding_mode="reflect")),
+    "1d_reflect_groups_stride": (
+        1,
+        2,
+        6,
+        3,
+        (11,),
+        dict(kernel_size=3, stride=2, padding=2, groups=3, padding_mode="reflect"),
+    ),
     "1d_circular_dilation": (1, 2, 5, 7, (10,), dict(kernel_size=3, dilation=2, padding=3, padding_mode="circular")),
     "1d_b1_one_position": (1, 1, 3, 2, (5,), dict(kernel_size=5, bias=False)),
     "1d_depthwise_same_dilation3": (1, 2, 4, 4, (9,), dict(kernel_size=3, dilation=3, padding="same", groups=4)),
@@ -80,8 +87,14 @@ def make_case(name: str, dtype=torch.float32, layout: str = "contiguous", device
 
 
 def conv_args(conv: nn.Module) -> dict:
-    return dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
-                padding_mode=conv.padding_mode, bias=conv.bias is not None)
+    return dict(
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=conv.groups,
+        padding_mode=conv.padding_mode,
+        bias=conv.bias is not None,
+    )
 
 
 def oracle(conv, x, g):
@@ -108,8 +121,9 @@ _noise = philox_noise
 def test_patches_are_what_f_unfold_gives(name):
     """input_patches equals F.unfold of the input padded as nn.ConvNd pads it, split per group."""
     conv, x, g = make_case(name)
-    geometry = conv_patches.ConvGeometry.from_args(conv.weight.shape, conv.stride, conv.padding, conv.dilation,
-                                                   conv.groups, conv.padding_mode)
+    geometry = conv_patches.ConvGeometry.from_args(
+        conv.weight.shape, conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode
+    )
     mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
     xp = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
     k, s, d = conv.kernel_size, conv.stride, conv.dilation
@@ -128,18 +142,21 @@ def test_patches_are_what_f_unfold_gives(name):
 
 def test_conv_padding_split_is_what_the_torch_layer_runs():
     """F.pad first for the padding modes (as nn.ConvNd), only the odd element of 'same' for zeros."""
+
     def split(**kw):
         conv = nn.Conv2d(2, 2, **kw)
-        return conv_patches.ConvGeometry.from_args(conv.weight.shape, conv.stride, conv.padding, conv.dilation,
-                                                   conv.groups, conv.padding_mode).conv_padding_split()
+        return conv_patches.ConvGeometry.from_args(
+            conv.weight.shape, conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode
+        ).conv_padding_split()
 
     assert split(kernel_size=3, padding=1) == (None, (1, 1))
     assert split(kernel_size=(2, 4), padding="same") == ([0, 1, 0, 1], (0, 1))
     assert split(kernel_size=3, padding=(1, 2), padding_mode="reflect") == ([2, 2, 1, 1], (0, 0))
     assert split(kernel_size=3, padding="valid", padding_mode="reflect") == (None, (0, 0))
     conv = nn.Conv1d(2, 2, 4, padding="same", padding_mode="circular")
-    geometry = conv_patches.ConvGeometry.from_args(conv.weight.shape, conv.stride, conv.padding, conv.dilation,
-                                                   conv.groups, conv.padding_mode)
+    geometry = conv_patches.ConvGeometry.from_args(
+        conv.weight.shape, conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode
+    )
     assert geometry.conv_padding_split() == (conv._reversed_padding_repeated_twice, (0,))
 
 
@@ -229,15 +246,17 @@ def test_clipped_sum_bf16(device, backend, name):
     assert gw.dtype == gb.dtype == torch.bfloat16
     _close(gw, rw, 2e-2)  # c·G rounded to bf16 before the product, the sum rounded once
     _close(gb, rb, 2e-2)
-    gw, gb = functional.conv_clipped_grad(x, g, c, conv.weight.shape, backend=backend, out_dtype=torch.float32,
-                                          **conv_args(conv))
+    gw, gb = functional.conv_clipped_grad(
+        x, g, c, conv.weight.shape, backend=backend, out_dtype=torch.float32, **conv_args(conv)
+    )
     assert gw.dtype == gb.dtype == torch.float32
     _close(gw, rw, 1e-5 if backend == "torch" else 1e-2)
     _close(gb, rb, 1e-5)
 
 
-@pytest.mark.parametrize("name", ["2d", "2d_groups2", "2d_depthwise", "1d_reflect_groups_stride", "1d_b1_one_position",
-                                  "2d_k1_odd_channels"])
+@pytest.mark.parametrize(
+    "name", ["2d", "2d_groups2", "2d_depthwise", "1d_reflect_groups_stride", "1d_b1_one_position", "2d_k1_odd_channels"]
+)
 def test_noise_is_philox_over_the_flat_weight(device, backend, name):
     """grad = clipped sum + σ·z(key), z indexed by the row-major element of the whole weight —
     group j's rows start at element j·(C_out/g)·d, so no two groups share a draw; the bias
@@ -245,8 +264,9 @@ def test_noise_is_philox_over_the_flat_weight(device, backend, name):
     conv, x, g = make_case(name, device=device)
     c = clip_factors(x.shape[0], device)
     key = PhiloxKey(0xFEEDFACECAFEBEEF, 12, 40)
-    gw, gb = functional.conv_clipped_grad(x, g, c, conv.weight.shape, noise_std=0.37, generator=key,
-                                          backend=backend, **conv_args(conv))
+    gw, gb = functional.conv_clipped_grad(
+        x, g, c, conv.weight.shape, noise_std=0.37, generator=key, backend=backend, **conv_args(conv)
+    )
     rw, rb = oracle(conv, x, g)
     _close(gw, torch.einsum("i,i...->...", c.double(), rw).cpu() + _noise(key, conv.weight.shape, 0.37), 1e-5)
     if conv.bias is not None:
@@ -259,8 +279,9 @@ def test_zero_clip_factors_give_the_noise_of_every_group(device, backend):
     conv, x, g = make_case("2d_depthwise", device=device)
     key = PhiloxKey(5, 1, 2)
     zero = torch.zeros(x.shape[0], device=device)
-    gw, gb = functional.conv_clipped_grad(x, g, zero, conv.weight.shape, noise_std=2.0, generator=key,
-                                          backend=backend, **conv_args(conv))
+    gw, gb = functional.conv_clipped_grad(
+        x, g, zero, conv.weight.shape, noise_std=2.0, generator=key, backend=backend, **conv_args(conv)
+    )
     _close(gw, _noise(key, conv.weight.shape, 2.0), 1e-6)
     _close(gb, _noise(PhiloxKey(5, 1, 3), gb.shape, 2.0), 1e-6)
     assert len(set(gw.flatten().tolist())) == gw.numel()  # every element its own draw
@@ -271,8 +292,9 @@ def test_noise_reproduces_from_a_seeded_generator(device, backend):
     c = clip_factors(x.shape[0], device)
 
     def run(gen):
-        return functional.conv_clipped_grad(x, g, c, conv.weight.shape, noise_std=1.0, generator=gen,
-                                            backend=backend, **conv_args(conv))[0]
+        return functional.conv_clipped_grad(
+            x, g, c, conv.weight.shape, noise_std=1.0, generator=gen, backend=backend, **conv_args(conv)
+        )[0]
 
     assert torch.equal(run(torch.Generator().manual_seed(3)), run(torch.Generator().manual_seed(3)))
     assert not bool((run(None) == run(None)).any())
@@ -283,8 +305,9 @@ def test_does_not_modify_inputs(device, backend):
     c = clip_factors(x.shape[0], device)
     before = (x.clone(), g.clone(), c.clone())
     functional.conv_sq_norms(x, g, conv.weight.shape, backend=backend, **conv_args(conv))
-    functional.conv_clipped_grad(x, g, c, conv.weight.shape, noise_std=1.0, generator=PhiloxKey(1), backend=backend,
-                                 **conv_args(conv))
+    functional.conv_clipped_grad(
+        x, g, c, conv.weight.shape, noise_std=1.0, generator=PhiloxKey(1), backend=backend, **conv_args(conv)
+    )
     assert all(torch.equal(a, b) for a, b in zip(before, (x, g, c)))
 
 
@@ -294,8 +317,9 @@ def test_shapes_on_the_meta_device():
     g = torch.empty(3, 6, 5, 5, device="meta")
     args = dict(stride=2, padding=1, groups=2)
     assert functional.conv_sq_norms(x, g, (6, 2, 3, 3), **args).shape == (3,)
-    gw, gb = functional.conv_clipped_grad(x, g, torch.empty(3, device="meta"), (6, 2, 3, 3), noise_std=1.0,
-                                          generator=PhiloxKey(1), **args)
+    gw, gb = functional.conv_clipped_grad(
+        x, g, torch.empty(3, device="meta"), (6, 2, 3, 3), noise_std=1.0, generator=PhiloxKey(1), **args
+    )
     assert gw.shape == (6, 2, 3, 3) and gb.shape == (6,) and gw.device.type == "meta"
 
 
@@ -358,7 +382,9 @@ def test_bad_clip_factors_noise_and_out_dtype():
 # ------------------------------------------------------------------ the modules -----------
 
 
-@pytest.mark.parametrize("name", ["2d_reflect_stride", "2d_same_even_kernel", "1d_circular_dilation", "2d_k1_odd_channels"])
+@pytest.mark.parametrize(
+    "name", ["2d_reflect_stride", "2d_same_even_kernel", "1d_circular_dilation", "2d_k1_odd_channels"]
+)
 def test_state_dict_repr_and_outside_an_engine(name):
     """Same constructor, repr and state_dict as the torch layer; outside an engine exactly it."""
     dims, _, cin, cout, _, kw = CASES[name]
@@ -388,8 +414,19 @@ def test_from_conv_shares_parameters_and_convert_registers_both():
     conv = nn.Conv2d(4, 6, 3, stride=2, padding="valid", groups=2, bias=False, padding_mode="replicate").eval()
     dp = DPConv2d.from_conv(conv)
     assert dp.weight is conv.weight and dp.bias is None and not dp.training
-    for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
-                 "padding_mode", "_reversed_padding_repeated_twice", "transposed", "output_padding"):
+    for attr in (
+        "in_channels",
+        "out_channels",
+        "kernel_size",
+        "stride",
+        "padding",
+        "dilation",
+        "groups",
+        "padding_mode",
+        "_reversed_padding_repeated_twice",
+        "transposed",
+        "output_padding",
+    ):
         assert getattr(dp, attr) == getattr(conv, attr)
     x = torch.randn(2, 4, 7, 7)
     assert torch.equal(dp(x), conv(x))
@@ -478,8 +515,9 @@ def test_private_step_noise_is_the_counter_scheme(device, backend):
     grads = []
     for sigma in (0.0, 1.3):
         torch.manual_seed(0)
-        model, opt = _private(SmallCNN().to(device), noise_multiplier=sigma, max_grad_norm=0.7, seed=2024,
-                              backend=backend)
+        model, opt = _private(
+            SmallCNN().to(device), noise_multiplier=sigma, max_grad_norm=0.7, seed=2024, backend=backend
+        )
         batch_loss("ce", model(x.to(device)), y.to(device), "sum").backward()
         opt.step()
         grads.append({n: p.grad.double().cpu() for n, p in model.named_parameters()})
@@ -498,11 +536,18 @@ def test_clipping_styles_and_accumulation(style):
 
     def run(chunks):
         torch.manual_seed(0)
-        model, opt = _private(SmallCNN(), noise_multiplier=0.7, max_grad_norm=0.4, expected_batch_size=6, seed=8,
-                              clipping=style, backend="torch")
+        model, opt = _private(
+            SmallCNN(),
+            noise_multiplier=0.7,
+            max_grad_norm=0.4,
+            expected_batch_size=6,
+            seed=8,
+            clipping=style,
+            backend="torch",
+        )
         start = 0
         for i, n in enumerate(chunks):
-            batch_loss("ce", model(x[start:start + n]), y[start:start + n], "mean").backward()
+            batch_loss("ce", model(x[start : start + n]), y[start : start + n], "mean").backward()
             start += n
             if i + 1 < len(chunks):
                 opt.accumulate()
@@ -549,8 +594,13 @@ def test_frozen_weight_with_trainable_bias_is_refused():
     model = SmallCNN()
     model.conv2.weight.requires_grad_(False)
     with pytest.raises(ValueError, match=r"DPConv2d 'conv2' \(bias\): a trainable bias with a frozen weight"):
-        dpkernels.make_private(model, torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1),
-                               noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4)
+        dpkernels.make_private(
+            model,
+            torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            expected_batch_size=4,
+        )
 
 
 def test_frozen_conv_and_conv3d():
@@ -558,8 +608,9 @@ def test_frozen_conv_and_conv3d():
     model = SmallCNN()
     model.conv1.requires_grad_(False)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    model, opt = dpkernels.make_private(model, opt, noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=5,
-                                        backend="torch")
+    model, opt = dpkernels.make_private(
+        model, opt, noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=5, backend="torch"
+    )
     x, y = _data("cnn")
     batch_loss("ce", model(x), y, "mean").backward()
     opt.step()

@@ -6,6 +6,7 @@ and within a float32 ulp or two of the torch reference; independent of the threa
 reference where the kernel cannot be built. Patches (patches_cpu.cpp): exactly the torch
 reference's patch matrices over 1-d/2-d geometries, padding modes, groups, dtypes and strides.
 """
+
 from __future__ import annotations
 
 import random
@@ -29,8 +30,17 @@ KEYS = [PhiloxKey(0), PhiloxKey(12345, 7, 3), PhiloxKey(2**64 - 1, 2**32 - 1, 2*
 def test_philox_words_are_the_reference_bit_for_bit(key, offset):
     n = 777
     c = torch.arange(offset, offset + n, dtype=torch.int64)
-    ref = torch.stack(philox4x32_10(c & MASK32, (c >> 32) & MASK32, torch.full_like(c, key.step),
-                                    torch.full_like(c, key.stream), key.seed_lo, key.seed_hi), dim=1)
+    ref = torch.stack(
+        philox4x32_10(
+            c & MASK32,
+            (c >> 32) & MASK32,
+            torch.full_like(c, key.step),
+            torch.full_like(c, key.stream),
+            key.seed_lo,
+            key.seed_hi,
+        ),
+        dim=1,
+    )
     assert torch.equal(_cpu.philox4x32(n, key, offset=offset), ref)
 
 
@@ -92,7 +102,7 @@ def test_odd_offsets_are_the_same_elements():
     full = _cpu.philox_normal(100, key)
     for offset in (1, 7, 15, 16, 17, 50):  # inside, at and past the 16-element blocks
         assert torch.equal(_cpu.philox_normal(100 - offset, key, offset=offset), full[offset:])
-        assert torch.equal(_cpu.philox_normal(3, key, offset=offset), full[offset:offset + 3])
+        assert torch.equal(_cpu.philox_normal(3, key, offset=offset), full[offset : offset + 3])
 
 
 def test_add_normal_is_out_plus_std_z():
@@ -143,10 +153,19 @@ def test_fused_torch_paths_draw_the_kernels_noise():
 # ------------------------------------------------------------------ patches ---------------
 
 GEOMETRIES = [  # (spatial dims, kernel, stride, padding, dilation, groups, padding mode)
-    (2, 3, 1, 1, 1, 1, "zeros"), (2, 3, 2, 1, 1, 1, "zeros"), (2, (2, 5), 1, "same", 1, 1, "zeros"), (2, (2, 5), (1, 3), (1, 2), 1, 1, "zeros"),
-    (2, 3, 1, "same", 2, 4, "zeros"), (2, 5, 2, 2, 2, 2, "reflect"), (2, 2, 1, "same", 3, 4, "circular"),
-    (2, 1, 1, 0, 1, 1, "zeros"), (2, 3, 3, "valid", 1, 8, "replicate"), (2, 4, 1, (0, 3), 1, 1, "zeros"),
-    (1, 3, 1, 1, 1, 1, "zeros"), (1, 4, 2, "valid", 2, 2, "zeros"), (1, 5, 1, "same", 1, 1, "reflect"),
+    (2, 3, 1, 1, 1, 1, "zeros"),
+    (2, 3, 2, 1, 1, 1, "zeros"),
+    (2, (2, 5), 1, "same", 1, 1, "zeros"),
+    (2, (2, 5), (1, 3), (1, 2), 1, 1, "zeros"),
+    (2, 3, 1, "same", 2, 4, "zeros"),
+    (2, 5, 2, 2, 2, 2, "reflect"),
+    (2, 2, 1, "same", 3, 4, "circular"),
+    (2, 1, 1, 0, 1, 1, "zeros"),
+    (2, 3, 3, "valid", 1, 8, "replicate"),
+    (2, 4, 1, (0, 3), 1, 1, "zeros"),
+    (1, 3, 1, 1, 1, 1, "zeros"),
+    (1, 4, 2, "valid", 2, 2, "zeros"),
+    (1, 5, 1, "same", 1, 1, "reflect"),
     (1, 2, 1, "same", 1, 8, "circular"),
 ]
 
@@ -185,9 +204,24 @@ def test_a_built_wheel_carries_the_sources(tmp_path):
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", str(root), "--no-deps", "--no-build-isolation",
-                           "-w", str(tmp_path), "-q"], capture_output=True, text=True, timeout=600,
-                          env={**__import__("os").environ, "DPKERNELS_NO_CUDA_BUILD": "1"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(root),
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            "-q",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**__import__("os").environ, "DPKERNELS_NO_CUDA_BUILD": "1"},
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     names = set(zipfile.ZipFile(next(tmp_path.glob("dpkernels-*.whl"))).namelist())
     for source in _cpu.SOURCES + ("cpu_kernels.h", "philox.cuh"):

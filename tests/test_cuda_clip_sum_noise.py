@@ -1,5 +1,6 @@
 """Tests of the CUDA extension: the loader (CPU), csrc/philox.cuh on the host (CPU, needs a C++
 compiler) and the kernels against the torch reference (``gpu``-marked, need a CUDA GPU)."""
+
 from __future__ import annotations
 
 import math
@@ -162,7 +163,9 @@ def host_philox(tmp_path_factory):
     exe = tmp_path_factory.mktemp("philox_host") / "philox_host_check"
     r = subprocess.run(
         compiler + ["-I", str(CSRC), str(CSRC / "philox_host_check.cpp"), "-o", str(exe)],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert r.returncode == 0, f"compiling philox_host_check failed:\n{r.stdout}\n{r.stderr}"
 
@@ -206,9 +209,21 @@ def test_host_emulated_kernel_body(tmp_path):
     untouched memory mappings, which fails if any of the index math were 32-bit."""
     exe = tmp_path / "clip_sum_noise_host_check"
     r = subprocess.run(
-        [shutil.which("nvcc"), "-std=c++17", "-O1", "-Xcompiler", "-fno-strict-aliasing", "-I", str(CSRC),
-         str(CSRC / "clip_sum_noise_host_check.cu"), "-o", str(exe)],
-        capture_output=True, text=True, timeout=600,
+        [
+            shutil.which("nvcc"),
+            "-std=c++17",
+            "-O1",
+            "-Xcompiler",
+            "-fno-strict-aliasing",
+            "-I",
+            str(CSRC),
+            str(CSRC / "clip_sum_noise_host_check.cu"),
+            "-o",
+            str(exe),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert r.returncode == 0, f"compiling clip_sum_noise_host_check failed:\n{r.stdout}\n{r.stderr}"
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600)

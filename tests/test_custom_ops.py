@@ -9,6 +9,7 @@ two ways a functional op runs (its implementation directly in eager code, the op
   draws each step's noise too (the int is guarded, never a stale constant); with ``generator=None`` it
   draws a fresh key at every call.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -48,8 +49,16 @@ def sample_args(name):
         "linear_clipped_grad": (x, g, c, 0.7, _key(), None, True),
         "clip_sum_noise": (_rand(B, 4, 3, seed=7), c, 0.7, _key()),
         "gaussian_noise": ([4, 5], 0.7, _key(), 3, torch.device("cpu"), torch.float32),
-        "norm_affine_grads": (x, g[..., :1].expand(B, T, d).contiguous(), None, torch.rand(B, T, generator=_g(8)) + 0.5,
-                              1, True, True, True),
+        "norm_affine_grads": (
+            x,
+            g[..., :1].expand(B, T, d).contiguous(),
+            None,
+            torch.rand(B, T, generator=_g(8)) + 0.5,
+            1,
+            True,
+            True,
+            True,
+        ),
         "embedding_sq_norms": (tokens, g, 11, 2),
         "embedding_per_example_grads": (tokens, g, 11, -1),
         "embedding_clipped_grad": (tokens, g, c, 11, 2, 0.7, _key(), None),
@@ -98,8 +107,9 @@ def test_meta_tensors_and_fake_mode_go_through_the_fake_implementations():
 
     x, g = torch.empty(4, 3, 8, device="meta"), torch.empty(4, 3, 5, device="meta")
     assert functional.linear_sq_norms(x, g).shape == (4,)
-    w, b = functional.linear_clipped_grad(x, g, torch.ones(4, device="meta"), noise_std=1.0,
-                                          generator=PhiloxKey(1), out_dtype=torch.bfloat16)
+    w, b = functional.linear_clipped_grad(
+        x, g, torch.ones(4, device="meta"), noise_std=1.0, generator=PhiloxKey(1), out_dtype=torch.bfloat16
+    )
     assert w.shape == (5, 8) and w.dtype == torch.bfloat16 and b.shape == (5,) and w.is_meta
     with FakeTensorMode():
         x, g = torch.empty(4, 3, 8), torch.empty(4, 3, 5)

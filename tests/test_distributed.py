@@ -7,6 +7,7 @@ empty batch takes part through noise_only_step, a failure on one rank refuses th
 them, and the noise of a range of elements drawn alone (``offset``) is exactly that range of the
 whole draw. DDP and FSDP2: tests/test_distributed_engines.py.
 """
+
 from __future__ import annotations
 
 import copy
@@ -25,15 +26,26 @@ import dpkernels
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
 B, SEED = 7, 1234
-SHARDS = {"split": (slice(0, 4), slice(4, 7)), "rank1_empty": (slice(0, 7), slice(0, 0)),
-          "tied_split": (slice(0, 4), slice(4, 7))}
+SHARDS = {
+    "split": (slice(0, 4), slice(4, 7)),
+    "rank1_empty": (slice(0, 7), slice(0, 0)),
+    "tied_split": (slice(0, 4), slice(4, 7)),
+}
 
 
 def _model(tied: bool = False) -> nn.Module:
     """With ``tied``, two linear layers share one weight: its cross terms are per rank, its noise once."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8),
-                          nn.Tanh(), nn.Linear(8, 3))
+    model = nn.Sequential(
+        nn.Linear(5, 8),
+        nn.LayerNorm(8),
+        nn.Tanh(),
+        nn.Linear(8, 8),
+        nn.Tanh(),
+        nn.Linear(8, 8),
+        nn.Tanh(),
+        nn.Linear(8, 3),
+    )
     if tied:
         model[5].weight = model[3].weight
     return model
@@ -46,8 +58,17 @@ def _data():
 
 def _private(model, **kw):
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    return dpkernels.make_private(model, opt, noise_multiplier=0.8, max_grad_norm=0.3, expected_batch_size=B,
-                                  loss_reduction="mean", seed=SEED, backend="torch", **kw)
+    return dpkernels.make_private(
+        model,
+        opt,
+        noise_multiplier=0.8,
+        max_grad_norm=0.3,
+        expected_batch_size=B,
+        loss_reduction="mean",
+        seed=SEED,
+        backend="torch",
+        **kw,
+    )
 
 
 def _worker(rank: int, world: int, rendezvous: str, case: str, out_dir: str) -> None:
@@ -143,8 +164,9 @@ def test_noise_with_an_offset_is_that_range_of_the_whole_draw(numel, offset):
     assert torch.equal(philox_normal(numel, key, offset=offset), whole[offset:])
     assert torch.equal(normal(numel, key, offset=offset), normal(offset + numel, key)[offset:])
     noise = dpkernels.functional.gaussian_noise((numel,), std=0.25, generator=key, offset=offset, backend="torch")
-    assert torch.equal(noise, dpkernels.functional.gaussian_noise((offset + numel,), std=0.25, generator=key,
-                                                                  backend="torch")[offset:])
+    assert torch.equal(
+        noise, dpkernels.functional.gaussian_noise((offset + numel,), std=0.25, generator=key, backend="torch")[offset:]
+    )
 
 
 def test_noise_offset_is_checked():

@@ -24,6 +24,7 @@ What each test proves:
 
 Every multi-process run is bounded by a timeout: a hang fails the test instead of blocking CI.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -50,9 +51,10 @@ B = 9  # the union batch of each step
 SEED = 20251206
 TIMEOUT_S = 150
 # rows of the union batch each rank holds, per step (uneven; one rank empty in step 1)
-SPLITS = {2: [(slice(0, 6), slice(6, 9)), (slice(0, 9), slice(9, 9))],
-          4: [(slice(0, 1), slice(1, 5), slice(5, 5), slice(5, 9)),
-              (slice(0, 3), slice(3, 4), slice(4, 8), slice(8, 9))]}
+SPLITS = {
+    2: [(slice(0, 6), slice(6, 9)), (slice(0, 9), slice(9, 9))],
+    4: [(slice(0, 1), slice(1, 5), slice(5, 5), slice(5, 9)), (slice(0, 3), slice(3, 4), slice(4, 8), slice(8, 9))],
+}
 
 
 class LayerScale(nn.Module):
@@ -137,6 +139,7 @@ def private(model: nn.Module, sigma: float, **kw):
 
 # ------------------------------------------------------------------ in each rank ----------
 
+
 class CollectiveLog:
     """Every tensor a collective reduces in this process, with who asked (ours / FSDP2 / other)."""
 
@@ -165,10 +168,22 @@ class CollectiveLog:
             if name == "reduce_scatter_single":
                 sent = kwargs.get("input", sent)
             files = [f.filename for f in inspect.stack()[1:6]]
-            who = ("dpkernels" if any(f"dpkernels{os.sep}" in f for f in files) else
-                   "fsdp" if any(f"distributed{os.sep}fsdp" in f for f in files) else "other")
-            log.append({"op": name, "who": who, "numel": sent.numel(), "dtype": str(sent.dtype),
-                        "max": float(sent.detach().float().abs().max()) if sent.numel() else 0.0})
+            who = (
+                "dpkernels"
+                if any(f"dpkernels{os.sep}" in f for f in files)
+                else "fsdp"
+                if any(f"distributed{os.sep}fsdp" in f for f in files)
+                else "other"
+            )
+            log.append(
+                {
+                    "op": name,
+                    "who": who,
+                    "numel": sent.numel(),
+                    "dtype": str(sent.dtype),
+                    "max": float(sent.detach().float().abs().max()) if sent.numel() else 0.0,
+                }
+            )
             return original(*args, **kwargs)
 
         return wrapped
@@ -224,6 +239,7 @@ def run_case(case: dict, rank: int, world: int) -> dict:
     model, opt = private(model, sigma, distributed=(engine == "plain"), **kw)
     hook_calls = []
     if engine == "ddp":
+
         def count(state, bucket):
             hook_calls.append(bucket.buffer().numel())
             fut = torch.futures.Future()
@@ -349,8 +365,9 @@ def run_refusals(case: dict, rank: int, world: int) -> dict:
 def _worker(rank: int, world: int, rendezvous: str, cases: dict, out_dir: str) -> None:
     if os.path.exists("/sys/class/net/lo"):  # loopback only: gloo would bind the host name's address
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
+    )
     results = {}
     try:
         for name, case in cases.items():
@@ -367,8 +384,13 @@ def _worker(rank: int, world: int, rendezvous: str, cases: dict, out_dir: str) -
 
 def spawn(cases: dict, world: int, tmp_path: Path) -> List[dict]:
     """Run ``cases`` on ``world`` processes (loopback, gloo); fail, killing them, after TIMEOUT_S."""
-    ctx = mp.start_processes(_worker, args=(world, str(tmp_path / "rendezvous"), cases, str(tmp_path)),
-                             nprocs=world, join=False, start_method="spawn")
+    ctx = mp.start_processes(
+        _worker,
+        args=(world, str(tmp_path / "rendezvous"), cases, str(tmp_path)),
+        nprocs=world,
+        join=False,
+        start_method="spawn",
+    )
     deadline = time.monotonic() + TIMEOUT_S
     try:
         while not ctx.join(timeout=1.0):
@@ -389,11 +411,16 @@ def spawn(cases: dict, world: int, tmp_path: Path) -> List[dict]:
 
 # ------------------------------------------------------------------ the one process -------
 
+
 def one_process(case: dict, world: int) -> dict:
     """The same steps in one process on the union batch of each step (the oracle of every rank)."""
     model = make_model(case.get("tied", False), case.get("layer_scale", False))
-    model, opt = private(model, case.get("sigma", 1.5), clipping=case.get("clipping", "flat"),
-                         **({"groups": case["groups"]} if case.get("clipping") == "group" else {}))
+    model, opt = private(
+        model,
+        case.get("sigma", 1.5),
+        clipping=case.get("clipping", "flat"),
+        **({"groups": case["groups"]} if case.get("clipping") == "group" else {}),
+    )
     out = {"params": [], "grads": []}
     for step, (ids, target) in enumerate(batches()):
         rows = [r for r in SPLITS[world][step] if r.stop > r.start]
@@ -420,8 +447,9 @@ def assert_same(ranks: List[dict], expected: dict, what: str, rtol: float, atol:
                         assert torch.equal(got[n], want[n]), f"{what}: rank {r} step {step} {key} {n}"
                     else:
                         where = f"{what}: rank {r} step {step} {key} {n}"
-                        torch.testing.assert_close(got[n], want[n], rtol=rtol, atol=atol,
-                                                   msg=lambda m, where=where: f"{where}: {m}")
+                        torch.testing.assert_close(
+                            got[n], want[n], rtol=rtol, atol=atol, msg=lambda m, where=where: f"{where}: {m}"
+                        )
 
 
 def _block(i: int) -> List[str]:
@@ -445,8 +473,12 @@ TWO_RANK_CASES = {
     "fsdp_tied_per_layer": {"engine": "fsdp", "tied": True, "clipping": "per_layer"},
     # a step whose noise is all there is, after a step whose clipped sums FSDP2 reduced into the shards,
     # without zero_grad() in between: the step before must not leak into it
-    "fsdp_per_layer_then_noise_only": {"engine": "fsdp", "clipping": "per_layer", "noise_only": (1,),
-                                       "zero_grad": False},
+    "fsdp_per_layer_then_noise_only": {
+        "engine": "fsdp",
+        "clipping": "per_layer",
+        "noise_only": (1,),
+        "zero_grad": False,
+    },
     "fsdp_per_layer_no_zero_grad": {"engine": "fsdp", "clipping": "per_layer", "zero_grad": False},
     # a bare parameter (a layer-scale vector) clipped through the torch.func fallback, inside a sharded unit
     "fsdp_fallback_flat": {"engine": "fsdp", "layer_scale": True},
@@ -553,12 +585,18 @@ def test_noise_free_step_matches_float64_per_example_loop(two_ranks, name):
     ids, target = batches()[0]
     per_example = token_model_per_example_grads(make_model(), ids, target, "ce")
     scale = TWO_RANK_CASES[name]["scale"]
-    expected, _ = flat_clipped_mean({n: g * scale for n, g in per_example.items()}, SETTINGS["max_grad_norm"],
-                                    SETTINGS["expected_batch_size"])
+    expected, _ = flat_clipped_mean(
+        {n: g * scale for n, g in per_example.items()}, SETTINGS["max_grad_norm"], SETTINGS["expected_batch_size"]
+    )
     for r, res in enumerate(two_ranks):
         for n, g in expected.items():
-            torch.testing.assert_close(res[name]["grads"][0][n].double(), g, rtol=1e-4, atol=1e-6,
-                                       msg=lambda m, where=f"rank {r} {n}": f"{where}: {m}")
+            torch.testing.assert_close(
+                res[name]["grads"][0][n].double(),
+                g,
+                rtol=1e-4,
+                atol=1e-6,
+                msg=lambda m, where=f"rank {r} {n}": f"{where}: {m}",
+            )
 
 
 @pytest.mark.parametrize("name", ["plain", "ddp", "fsdp_flat", "fsdp_per_layer"])
@@ -574,14 +612,17 @@ def test_a_failure_on_one_rank_refuses_the_step_on_all(failures, name):
         assert not torch.equal(rank0["after"][n], rank0["params"][n])
 
 
-@pytest.mark.parametrize("what,message", [
-    ("converted_after_sharding", "Call dpkernels.nn.convert(model) first, then fully_shard"),
-    ("shard_1", "not Shard(0)"),
-    ("outside_dp_layers", "LayerScale 'blocks.0.ls' (gamma): no per-example clipping path"),
-    ("divide_factor", "no longer reduces by plain summation"),
-    ("ddp_sync_on", "gradient synchronisation was switched back on"),
-    ("gradient_outside_layer", "received a gradient outside its DP layer"),
-])
+@pytest.mark.parametrize(
+    "what,message",
+    [
+        ("converted_after_sharding", "Call dpkernels.nn.convert(model) first, then fully_shard"),
+        ("shard_1", "not Shard(0)"),
+        ("outside_dp_layers", "LayerScale 'blocks.0.ls' (gamma): no per-example clipping path"),
+        ("divide_factor", "no longer reduces by plain summation"),
+        ("ddp_sync_on", "gradient synchronisation was switched back on"),
+        ("gradient_outside_layer", "received a gradient outside its DP layer"),
+    ],
+)
 def test_refusals(failures, what, message):
     for res in failures:
         assert message in res["refusals"][what], res["refusals"][what]

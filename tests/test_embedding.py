@@ -6,6 +6,7 @@ the clipped sum scatters c_i·G_it rows into the table. Shapes where that goes w
 covered: B = 1, T = 1, 1-D and 3-D token tensors, p off the tile sizes, T spanning two tiles,
 heavy repetition (a vocabulary of 5), padding, strided and int32 tokens.
 """
+
 from __future__ import annotations
 
 import copy
@@ -133,7 +134,9 @@ def test_repeated_tokens_add_up_before_squaring(device, backend):
 def test_tile_pairs_without_a_matching_token(device, backend):
     """T = 70, distinct tokens: the off-diagonal tile pair has no (t, s) with equal tokens in example 0
     (the kernel skips its products), one in example 1, and only padding in example 2's second tile."""
-    tok = torch.stack([torch.randperm(200, generator=torch.Generator().manual_seed(i))[:70] for i in range(3)]).to(device)
+    tok = torch.stack([torch.randperm(200, generator=torch.Generator().manual_seed(i))[:70] for i in range(3)]).to(
+        device
+    )
     tok[1, 66] = tok[1, 3]
     tok[2, 64:] = 0
     g = torch.randn(3, 70, 24, generator=torch.Generator().manual_seed(3)).to(device)
@@ -152,10 +155,13 @@ def test_padding_only_and_zero_gradient_examples_have_zero_norm(device, backend)
 def test_empty_sequence(device, backend):
     tok = torch.zeros(2, 0, dtype=torch.long, device=device)
     g = torch.zeros(2, 0, 6, device=device)
-    assert torch.equal(functional.embedding_sq_norms(tok, g, num_embeddings=4, backend=backend), torch.zeros(2, device=device))
+    assert torch.equal(
+        functional.embedding_sq_norms(tok, g, num_embeddings=4, backend=backend), torch.zeros(2, device=device)
+    )
     key = PhiloxKey(3)
-    out = functional.embedding_clipped_grad(tok, g, torch.ones(2, device=device), num_embeddings=4,
-                                            noise_std=0.5, generator=key, backend=backend)
+    out = functional.embedding_clipped_grad(
+        tok, g, torch.ones(2, device=device), num_embeddings=4, noise_std=0.5, generator=key, backend=backend
+    )
     _close(out, _noise(key, (4, 6), 0.5), 1e-6)
 
 
@@ -170,8 +176,9 @@ def test_backends_agree(device, case):
     for b in ("torch", "triton"):
         outs[b] = (
             functional.embedding_sq_norms(tok, g, num_embeddings=V, padding_idx=0, backend=b),
-            functional.embedding_clipped_grad(tok, g, c, num_embeddings=V, padding_idx=0, noise_std=1.5,
-                                              generator=key, backend=b),
+            functional.embedding_clipped_grad(
+                tok, g, c, num_embeddings=V, padding_idx=0, noise_std=1.5, generator=key, backend=b
+            ),
         )
     for a, b in zip(outs["torch"], outs["triton"]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
@@ -202,8 +209,9 @@ def test_clipped_sum_half_precision(device, backend, case, dtype):
     assert out.dtype == dtype
     _close(out, ref, 1e-2)  # the float32 sum rounded once to the half dtype
     # float32 master weights: c·G and the sum stay in float32, nothing is rounded
-    out32 = functional.embedding_clipped_grad(tok, g, c, num_embeddings=V, padding_idx=0, backend=backend,
-                                              out_dtype=torch.float32)
+    out32 = functional.embedding_clipped_grad(
+        tok, g, c, num_embeddings=V, padding_idx=0, backend=backend, out_dtype=torch.float32
+    )
     assert out32.dtype == torch.float32
     _close(out32, ref, 1e-5)
 
@@ -214,8 +222,9 @@ def test_noise_is_philox_of_the_key(device, backend, case):
     tok, g, V = make_inputs(case, device)
     c = clip_factors(tok.shape[0], device)
     key = PhiloxKey(0xFEEDFACECAFEBEEF, 12, 40)
-    out = functional.embedding_clipped_grad(tok, g, c, num_embeddings=V, padding_idx=1, noise_std=0.37,
-                                            generator=key, backend=backend)
+    out = functional.embedding_clipped_grad(
+        tok, g, c, num_embeddings=V, padding_idx=1, noise_std=0.37, generator=key, backend=backend
+    )
     ref = embedding_clipped_sum_oracle(tok, g, c, V, 1).cpu() + _noise(key, out.shape, 0.37)
     _close(out, ref, 1e-5)
 
@@ -225,8 +234,16 @@ def test_noise_covers_rows_that_never_appear(device, backend):
     tok = torch.tensor([[3, 3, 40], [40, 0, 0]], device=device)
     g = torch.randn(2, 3, 6, device=device)
     key = PhiloxKey(11, 2, 5)
-    out = functional.embedding_clipped_grad(tok, g, torch.ones(2, device=device), num_embeddings=50, padding_idx=0,
-                                            noise_std=2.0, generator=key, backend=backend)
+    out = functional.embedding_clipped_grad(
+        tok,
+        g,
+        torch.ones(2, device=device),
+        num_embeddings=50,
+        padding_idx=0,
+        noise_std=2.0,
+        generator=key,
+        backend=backend,
+    )
     z = _noise(key, (50, 6), 2.0)
     untouched = torch.ones(50, dtype=torch.bool)
     untouched[[3, 40]] = False
@@ -239,7 +256,9 @@ def test_zero_clip_factors_give_exactly_the_noise(device, backend):
     tok, g, V = make_inputs("ids:3x37x5x20", device)
     key = PhiloxKey(5, 0, 2)
     zero = torch.zeros(3, device=device)
-    out = functional.embedding_clipped_grad(tok, g, zero, num_embeddings=V, noise_std=2.0, generator=key, backend=backend)
+    out = functional.embedding_clipped_grad(
+        tok, g, zero, num_embeddings=V, noise_std=2.0, generator=key, backend=backend
+    )
     _close(out, _noise(key, out.shape, 2.0), 1e-6)
     assert not bool(functional.embedding_clipped_grad(tok, g, zero, num_embeddings=V, backend=backend).any())
 
@@ -249,7 +268,9 @@ def test_fresh_noise_without_a_key_and_seeded_generator_reproduces(device, backe
     c = clip_factors(3, device)
 
     def run(gen):
-        return functional.embedding_clipped_grad(tok, g, c, num_embeddings=V, noise_std=1.0, generator=gen, backend=backend)
+        return functional.embedding_clipped_grad(
+            tok, g, c, num_embeddings=V, noise_std=1.0, generator=gen, backend=backend
+        )
 
     assert not bool((run(None) == run(None)).any())
     assert torch.equal(run(torch.Generator().manual_seed(3)), run(torch.Generator().manual_seed(3)))
@@ -261,8 +282,12 @@ def test_clipped_sum_is_bit_for_bit_deterministic(device, backend):
     tok = torch.randint(0, 50, (4, 1000), generator=gen).to(device)
     g = torch.randn(4, 1000, 40, generator=gen).to(device)
     c = clip_factors(4, device)
-    runs = [functional.embedding_clipped_grad(tok, g, c, num_embeddings=50, noise_std=0.1, generator=PhiloxKey(1),
-                                              backend=backend) for _ in range(2)]
+    runs = [
+        functional.embedding_clipped_grad(
+            tok, g, c, num_embeddings=50, noise_std=0.1, generator=PhiloxKey(1), backend=backend
+        )
+        for _ in range(2)
+    ]
     assert torch.equal(runs[0], runs[1])
 
 
@@ -283,7 +308,9 @@ def test_does_not_modify_inputs(device, backend):
     c = clip_factors(3, device)
     before = (tok.clone(), g.clone(), c.clone())
     functional.embedding_sq_norms(tok, g, num_embeddings=V, backend=backend)
-    functional.embedding_clipped_grad(tok, g, c, num_embeddings=V, noise_std=1.0, generator=PhiloxKey(1), backend=backend)
+    functional.embedding_clipped_grad(
+        tok, g, c, num_embeddings=V, noise_std=1.0, generator=PhiloxKey(1), backend=backend
+    )
     assert all(torch.equal(a, b) for a, b in zip(before, (tok, g, c)))
 
 
@@ -335,8 +362,12 @@ def test_autotuned_norm_kernel_on_gpu(shape, dtype, monkeypatch):
         out = functional.embedding_sq_norms(tok, g, num_embeddings=V, padding_idx=0, backend="triton")
         torch.testing.assert_close(out.cpu(), ref, rtol=2e-3, atol=0.0)
     c = clip_factors(B, "cuda")
-    runs = [functional.embedding_clipped_grad(tok, g, c, num_embeddings=V, noise_std=0.01, generator=PhiloxKey(3),
-                                              backend="triton") for _ in range(2)]
+    runs = [
+        functional.embedding_clipped_grad(
+            tok, g, c, num_embeddings=V, noise_std=0.01, generator=PhiloxKey(3), backend="triton"
+        )
+        for _ in range(2)
+    ]
     assert torch.equal(runs[0], runs[1])
 
 
@@ -344,7 +375,9 @@ def test_autotuned_norm_kernel_on_gpu(shape, dtype, monkeypatch):
 
 OPS = {
     "sq_norms": lambda tok, g, **kw: functional.embedding_sq_norms(tok, g, **kw),
-    "clipped_grad": lambda tok, g, **kw: functional.embedding_clipped_grad(tok, g, torch.ones(len(tok) if tok.dim() else 1), **kw),
+    "clipped_grad": lambda tok, g, **kw: functional.embedding_clipped_grad(
+        tok, g, torch.ones(len(tok) if tok.dim() else 1), **kw
+    ),
 }
 
 
@@ -412,7 +445,15 @@ def test_from_embedding_shares_the_parameter_and_behaves_like_it_outside_an_engi
     emb_copy = copy.deepcopy(emb)
     dp = DPEmbedding.from_embedding(emb)
     assert dp.weight is emb.weight
-    for attr in ("num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse"):
+    for attr in (
+        "num_embeddings",
+        "embedding_dim",
+        "padding_idx",
+        "max_norm",
+        "norm_type",
+        "scale_grad_by_freq",
+        "sparse",
+    ):
         assert getattr(dp, attr) == getattr(emb, attr)
     tok = torch.tensor([[1, 3, 3, 7], [11, 1, 0, 3]])
     out, out_ref = dp(tok), emb_copy(tok)  # the same renorm applied to the same rows
@@ -494,8 +535,14 @@ def test_private_step_noise_is_the_counter_scheme(device, backend, embedding_met
     grads = []
     for sigma in (0.0, 1.3):
         torch.manual_seed(0)
-        model, opt = _private(BagOfTokens(V=40).to(device), noise_multiplier=sigma, max_grad_norm=0.7,
-                              expected_batch_size=6, seed=2024, backend=backend)
+        model, opt = _private(
+            BagOfTokens(V=40).to(device),
+            noise_multiplier=sigma,
+            max_grad_norm=0.7,
+            expected_batch_size=6,
+            seed=2024,
+            backend=backend,
+        )
         batch_loss("ce", model(tok), t, "sum").backward()
         opt.step()
         grads.append(model.emb.weight.grad.double().cpu())
@@ -509,7 +556,9 @@ def test_gradient_accumulation_equals_one_step(device, backend, embedding_method
     steps = []
     for split in (False, True):
         torch.manual_seed(0)
-        model, opt = _private(BagOfTokens().to(device), noise_multiplier=0.5, max_grad_norm=0.3, seed=3, backend=backend)
+        model, opt = _private(
+            BagOfTokens().to(device), noise_multiplier=0.5, max_grad_norm=0.3, seed=3, backend=backend
+        )
         parts = [(tok[:2], t[:2]), (tok[2:], t[2:])] if split else [(tok, t)]
         for i, (x, y) in enumerate(parts):
             batch_loss("ce", model(x), y, "sum").backward()
@@ -538,10 +587,13 @@ def test_max_norm_is_allowed_under_an_engine(device, backend):
     torch.testing.assert_close(model.emb.weight.grad.double().cpu(), expected["emb.weight"].cpu(), rtol=1e-4, atol=1e-7)
 
 
-@pytest.mark.parametrize("flag, message", [
-    ("scale_grad_by_freq", "scale_grad_by_freq=True .*other examples' tokens .*not a per-example gradient"),
-    ("sparse", "sparse=True .*dense .*the noise covers every row"),
-])
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        ("scale_grad_by_freq", "scale_grad_by_freq=True .*other examples' tokens .*not a per-example gradient"),
+        ("sparse", "sparse=True .*dense .*the noise covers every row"),
+    ],
+)
 def test_scale_grad_by_freq_and_sparse_are_refused(flag, message):
     # by make_private, naming the layer
     with pytest.raises(ValueError, match=f"DPEmbedding 'emb' \\(weight\\): {message}"):

@@ -5,6 +5,7 @@ clips them flat across ALL parameters (c_i = min(1, C / (‖g_i‖ + 1e-6))) and
 by the expected batch size. With noise on, the noise is measured (its standard deviation
 must be σC/B̄) and tied to the Philox counter (seed, step, stream = parameter index).
 """
+
 from __future__ import annotations
 
 import copy
@@ -90,7 +91,10 @@ def private(model, *, lr=0.1, **kw):
 
 
 def noise_of(model_noisy, model_clean) -> dict:
-    return {n: (p.grad.double() - q.grad.double()) for (n, p), (_, q) in zip(model_noisy.named_parameters(), model_clean.named_parameters())}
+    return {
+        n: (p.grad.double() - q.grad.double())
+        for (n, p), (_, q) in zip(model_noisy.named_parameters(), model_clean.named_parameters())
+    }
 
 
 def one_step(model, opt, x, t, loss_kind, reduction):
@@ -116,8 +120,13 @@ def test_step_equals_oracle_flat_clipping(device, backend, kind, norm_method, re
     lr = 0.1
 
     model, opt = private(
-        model, lr=lr, max_grad_norm=C, expected_batch_size=Bbar, loss_reduction=reduction,
-        norm_method=norm_method, backend=backend,
+        model,
+        lr=lr,
+        max_grad_norm=C,
+        expected_batch_size=Bbar,
+        loss_reduction=reduction,
+        norm_method=norm_method,
+        backend=backend,
     )
     batch_loss(loss_kind, model(x), t, reduction).backward()
     opt.step()
@@ -175,7 +184,9 @@ def test_sequence_first_step_equals_oracle(device, backend, norm_method, contigu
         def forward(self, x):
             return self.inner(x.transpose(0, 1))
 
-    per_example = {k.removeprefix("inner."): v for k, v in model_per_example_grads(BatchFirst(model), x_bf, t, "ce").items()}
+    per_example = {
+        k.removeprefix("inner."): v for k, v in model_per_example_grads(BatchFirst(model), x_bf, t, "ce").items()
+    }
     _, norms = flat_clipped_mean(per_example, 1.0, 1.0)
     C = pick_clip_norm(norms)
     expected, _ = flat_clipped_mean(per_example, C, 6)
@@ -183,8 +194,9 @@ def test_sequence_first_step_equals_oracle(device, backend, norm_method, contigu
     x_sf = x_bf.transpose(0, 1)  # (T=9, B=5, 7): a strided view
     if contiguous:
         x_sf = x_sf.contiguous()
-    model, opt = private(model, max_grad_norm=C, expected_batch_size=6, batch_first=False,
-                         norm_method=norm_method, backend=backend)
+    model, opt = private(
+        model, max_grad_norm=C, expected_batch_size=6, batch_first=False, norm_method=norm_method, backend=backend
+    )
     batch_loss("ce", model(x_sf), t, "mean").backward()
     opt.step()
     assert_grads_close(model, expected)
@@ -292,7 +304,9 @@ def test_noise_std_and_mean(device, backend):
     x = torch.randn(3, 300, generator=g).to(device)
     t = torch.randn(3, 200, generator=g).to(device)
     noisy, clean = _big_layer(device), _big_layer(device)
-    noisy, opt_n = private(noisy, noise_multiplier=sigma, max_grad_norm=C, expected_batch_size=Bbar, seed=2024, backend=backend)
+    noisy, opt_n = private(
+        noisy, noise_multiplier=sigma, max_grad_norm=C, expected_batch_size=Bbar, seed=2024, backend=backend
+    )
     clean, opt_c = private(clean, noise_multiplier=0.0, max_grad_norm=C, expected_batch_size=Bbar, backend=backend)
     one_step(noisy, opt_n, x, t, "sq", "sum")
     one_step(clean, opt_c, x, t, "sq", "sum")
@@ -320,7 +334,9 @@ def test_noise_differs_across_elements_layers_and_steps(device, backend):
     x = torch.randn(4, 30, generator=g).to(device)
     t = torch.randn(4, 50, generator=g).to(device)
     # lr = 0: the parameters stay put, so the clean gradient is the same at both steps
-    noisy, opt_n = private(noisy, lr=0.0, noise_multiplier=2.0, max_grad_norm=1.0, expected_batch_size=4, seed=77, backend=backend)
+    noisy, opt_n = private(
+        noisy, lr=0.0, noise_multiplier=2.0, max_grad_norm=1.0, expected_batch_size=4, seed=77, backend=backend
+    )
     clean, opt_c = private(clean, lr=0.0, max_grad_norm=1.0, expected_batch_size=4, backend=backend)
     draws = {}
     for step in range(2):
@@ -352,7 +368,9 @@ def test_noise_differs_across_elements_layers_and_steps(device, backend):
 
 def _run_seeded(device, backend, seed):
     model, x, t, loss_kind = data("2d-ce", device)
-    model, opt = private(model, noise_multiplier=1.0, max_grad_norm=0.5, expected_batch_size=5, seed=seed, backend=backend)
+    model, opt = private(
+        model, noise_multiplier=1.0, max_grad_norm=0.5, expected_batch_size=5, seed=seed, backend=backend
+    )
     grads = []
     for _ in range(2):
         one_step(model, opt, x, t, loss_kind, "mean")
@@ -378,8 +396,15 @@ def test_noise_only_step(device, backend):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     acc = FakeAccountant()
     model, opt = private(
-        model, lr=0.5, noise_multiplier=1.5, max_grad_norm=2.0, expected_batch_size=10, seed=99,
-        backend=backend, accountant=acc, sample_rate=0.01,
+        model,
+        lr=0.5,
+        noise_multiplier=1.5,
+        max_grad_norm=2.0,
+        expected_batch_size=10,
+        seed=99,
+        backend=backend,
+        accountant=acc,
+        sample_rate=0.01,
     )
     for step in range(2):
         opt.noise_only_step()
@@ -422,7 +447,9 @@ def test_unused_layer_gets_noise_only(device, backend, sigma):
     for n in ("unused.weight", "unused.bias"):
         assert not bool(per_example[n].any())
     expected, _ = flat_clipped_mean(per_example, 0.3, 4)
-    model, opt = private(model, noise_multiplier=sigma, max_grad_norm=0.3, expected_batch_size=4, seed=8, backend=backend)
+    model, opt = private(
+        model, noise_multiplier=sigma, max_grad_norm=0.3, expected_batch_size=4, seed=8, backend=backend
+    )
     one_step(model, opt, x, t, "ce", "mean")
     streams = {n: i for i, (n, _) in enumerate(model.named_parameters())}
     std = sigma * 0.3 / 4
@@ -463,7 +490,9 @@ def test_root_linear_model():
     lin = nn.Linear(6, 4)
     w = lin.weight
     opt = torch.optim.SGD(lin.parameters(), lr=1.0)
-    model, dp_opt = dpkernels.make_private(lin, opt, noise_multiplier=0.0, max_grad_norm=1e6, expected_batch_size=3, loss_reduction="sum")
+    model, dp_opt = dpkernels.make_private(
+        lin, opt, noise_multiplier=0.0, max_grad_norm=1e6, expected_batch_size=3, loss_reduction="sum"
+    )
     assert isinstance(model, DPLinear) and model.weight is w
     x = torch.randn(3, 6)
     model(x).sum().backward()
@@ -595,7 +624,12 @@ def test_poisson_sampler_reproducible_with_generator():
 
 @pytest.mark.parametrize(
     "args,match",
-    [((0, 0.1, 1), "num_samples"), ((10, 0.0, 1), "sample_rate"), ((10, 1.5, 1), "sample_rate"), ((10, 0.1, -1), "steps")],
+    [
+        ((0, 0.1, 1), "num_samples"),
+        ((10, 0.0, 1), "sample_rate"),
+        ((10, 1.5, 1), "sample_rate"),
+        ((10, 0.1, -1), "steps"),
+    ],
 )
 def test_poisson_sampler_rejects_bad_arguments(args, match):
     with pytest.raises(ValueError, match=match):
@@ -612,8 +646,14 @@ def test_training_loop_with_poisson_batches(backend, device):
     acc = FakeAccountant()
     sampler = PoissonSampler(N, 0.05, 12, generator=torch.Generator().manual_seed(3))
     model, opt = private(
-        model, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=sampler.expected_batch_size,
-        seed=1, backend=backend, accountant=acc, sample_rate=0.05,
+        model,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        expected_batch_size=sampler.expected_batch_size,
+        seed=1,
+        backend=backend,
+        accountant=acc,
+        sample_rate=0.05,
     )
     empties = 0
     for idx in sampler:
@@ -634,8 +674,9 @@ def test_training_loop_with_poisson_batches(backend, device):
 
 def _two_steps(model: nn.Module, wrap, x: torch.Tensor) -> list:
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    model, dp_opt = dpkernels.make_private(model, opt, noise_multiplier=0.7, max_grad_norm=0.5,
-                                           expected_batch_size=5, seed=123, backend="torch")
+    model, dp_opt = dpkernels.make_private(
+        model, opt, noise_multiplier=0.7, max_grad_norm=0.5, expected_batch_size=5, seed=123, backend="torch"
+    )
     f = wrap(model)
     for _ in range(2):
         dp_opt.zero_grad()
@@ -659,7 +700,7 @@ def test_compiled_or_checkpointed_model_takes_the_same_private_step(wrap):
         torch._dynamo.reset()
         wrapped = _two_steps(copy.deepcopy(base), lambda m: torch.compile(m, backend="aot_eager"), x)
     else:
-        wrapped = _two_steps(copy.deepcopy(base), lambda m: (lambda inp: checkpoint(m, inp, use_reentrant=False)), x)
+        wrapped = _two_steps(copy.deepcopy(base), lambda m: lambda inp: checkpoint(m, inp, use_reentrant=False), x)
     for a, b in zip(eager, wrapped):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
@@ -690,13 +731,22 @@ def test_gradient_accumulation_equals_one_logical_batch(device, backend, reducti
     def run(chunks, sigma):
         model = copy.deepcopy(base)
         acc = FakeAccountant()
-        model, opt = private(model, noise_multiplier=sigma, max_grad_norm=C, expected_batch_size=6, seed=31,
-                             loss_reduction=reduction, backend=backend, accountant=acc, sample_rate=0.5)
+        model, opt = private(
+            model,
+            noise_multiplier=sigma,
+            max_grad_norm=C,
+            expected_batch_size=6,
+            seed=31,
+            loss_reduction=reduction,
+            backend=backend,
+            accountant=acc,
+            sample_rate=0.5,
+        )
         for _ in range(2):  # two logical steps: the second starts from a clean running sum
             opt.zero_grad()
             start = 0
             for i, n in enumerate(chunks):
-                batch_loss("sq", model(x[start:start + n]), t[start:start + n], reduction).backward()
+                batch_loss("sq", model(x[start : start + n]), t[start : start + n], reduction).backward()
                 start += n
                 if i + 1 < len(chunks):
                     opt.accumulate()
@@ -710,11 +760,12 @@ def test_gradient_accumulation_equals_one_logical_batch(device, backend, reducti
     for name in g_whole:
         torch.testing.assert_close(g_split[name], g_whole[name], rtol=1e-5, atol=1e-6, msg=name)
     # and without noise, against the oracle directly (first logical step = same initial weights)
-    model, opt = private(copy.deepcopy(base), max_grad_norm=C, expected_batch_size=6, loss_reduction=reduction,
-                         backend=backend)
+    model, opt = private(
+        copy.deepcopy(base), max_grad_norm=C, expected_batch_size=6, loss_reduction=reduction, backend=backend
+    )
     start = 0
     for i, n in enumerate(split):
-        batch_loss("sq", model(x[start:start + n]), t[start:start + n], reduction).backward()
+        batch_loss("sq", model(x[start : start + n]), t[start : start + n], reduction).backward()
         start += n
         (opt.accumulate if i + 1 < len(split) else opt.step)()
     expected, _ = flat_clipped_mean(per_example, C, 6)
@@ -795,8 +846,9 @@ def _three_layers(device):
     return nn.Sequential(nn.Linear(7, 13), nn.Tanh(), nn.Linear(13, 11), nn.Tanh(), nn.Linear(11, 5)).to(device)
 
 
-def grouped_clipped_mean(per_example: dict, groups: list, thresholds: list, denom: float,
-                         automatic_gamma: float = None) -> dict:
+def grouped_clipped_mean(
+    per_example: dict, groups: list, thresholds: list, denom: float, automatic_gamma: float = None
+) -> dict:
     """Oracle for every style: per group k (a list of layer names), c_i = min(1, C_k/(‖g_i^(k)‖+1e-6))
     or, automatic, C_k/(‖g_i^(k)‖+γ); each group's parameters get Σ_i c_i g_i / denom."""
     out = {}
@@ -840,8 +892,9 @@ def test_clipping_styles_equal_oracle(device, backend, style, thresholds, reduct
     else:
         per_group = [0.3 * (k + 1) for k in range(len(groups))]
         arg = per_group
-    expected = grouped_clipped_mean(per_example, groups, per_group, 6,
-                                    automatic_gamma=0.05 if style == "automatic" else None)
+    expected = grouped_clipped_mean(
+        per_example, groups, per_group, 6, automatic_gamma=0.05 if style == "automatic" else None
+    )
     kw = dict(clipping=style, max_grad_norm=arg, expected_batch_size=6, loss_reduction=reduction, backend=backend)
     if style == "group":
         kw["groups"] = groups
@@ -858,8 +911,10 @@ def test_clipping_styles_equal_oracle(device, backend, style, thresholds, reduct
     # some examples were clipped and some not in at least one group (the test means something)
     if style != "automatic":
         B = 6
-        norms = [sum(per_example[f"{m}.{w}"].reshape(B, -1).square().sum(1) for m in grp for w in ("weight", "bias")).sqrt()
-                 for grp in groups]
+        norms = [
+            sum(per_example[f"{m}.{w}"].reshape(B, -1).square().sum(1) for m in grp for w in ("weight", "bias")).sqrt()
+            for grp in groups
+        ]
         assert any(bool((n > C).any()) for n, C in zip(norms, per_group))
 
 
@@ -871,8 +926,15 @@ def test_clipping_style_noise_is_scaled_to_total_sensitivity(device, backend):
     runs = {}
     for style, mgn in (("per_layer", thresholds), ("flat", 1.3)):
         for sigma in (0.0, 2.0):
-            model, opt = private(copy.deepcopy(base), clipping=style, max_grad_norm=mgn, noise_multiplier=sigma,
-                                 expected_batch_size=4, seed=77, backend=backend)
+            model, opt = private(
+                copy.deepcopy(base),
+                clipping=style,
+                max_grad_norm=mgn,
+                noise_multiplier=sigma,
+                expected_batch_size=4,
+                seed=77,
+                backend=backend,
+            )
             model(x).square().sum().backward()
             opt.step()
             runs[style, sigma] = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
@@ -889,11 +951,18 @@ def test_per_layer_clipping_with_accumulation(device, backend, split):
     x = torch.randn(5, 4, 7, generator=torch.Generator().manual_seed(12)).to(device)
 
     def run(chunks):
-        model, opt = private(copy.deepcopy(base), clipping="per_layer", max_grad_norm=0.5, noise_multiplier=1.1,
-                             expected_batch_size=5, seed=9, backend=backend)
+        model, opt = private(
+            copy.deepcopy(base),
+            clipping="per_layer",
+            max_grad_norm=0.5,
+            noise_multiplier=1.1,
+            expected_batch_size=5,
+            seed=9,
+            backend=backend,
+        )
         start = 0
         for i, n in enumerate(chunks):
-            model(x[start:start + n]).square().mean().backward()
+            model(x[start : start + n]).square().mean().backward()
             start += n
             if i + 1 < len(chunks):
                 opt.accumulate()
@@ -905,19 +974,22 @@ def test_per_layer_clipping_with_accumulation(device, backend, split):
         torch.testing.assert_close(parts[n], whole[n], rtol=1e-5, atol=1e-6, msg=n)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(clipping="layerwise"), "clipping must be one of"),
-    (dict(clipping="group"), "needs groups="),
-    (dict(clipping="group", groups=[["0"]]), "in no clipping group"),
-    (dict(clipping="group", groups=[["0", "2"], ["2"]]), "is in clipping groups 0 and 1"),
-    (dict(clipping="group", groups=[["0", "2"], ["x"]]), "names 'x', which is not a DP layer"),
-    (dict(clipping="group", groups=[["0", "2"], []]), "group 1 is empty"),
-    (dict(clipping="per_layer", max_grad_norm=[1.0]), "1 thresholds for 2 clipping groups"),
-    (dict(clipping="flat", max_grad_norm=[1.0, 1.0]), "takes one max_grad_norm"),
-    (dict(clipping="per_layer", max_grad_norm=[1.0, -1.0]), "max_grad_norm must be a finite number > 0"),
-    (dict(clipping="flat", groups=[["0"], ["2"]]), "groups= is for clipping='group'"),
-    (dict(clipping="automatic", auto_clip_gamma=0.0), "auto_clip_gamma must be"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(clipping="layerwise"), "clipping must be one of"),
+        (dict(clipping="group"), "needs groups="),
+        (dict(clipping="group", groups=[["0"]]), "in no clipping group"),
+        (dict(clipping="group", groups=[["0", "2"], ["2"]]), "is in clipping groups 0 and 1"),
+        (dict(clipping="group", groups=[["0", "2"], ["x"]]), "names 'x', which is not a DP layer"),
+        (dict(clipping="group", groups=[["0", "2"], []]), "group 1 is empty"),
+        (dict(clipping="per_layer", max_grad_norm=[1.0]), "1 thresholds for 2 clipping groups"),
+        (dict(clipping="flat", max_grad_norm=[1.0, 1.0]), "takes one max_grad_norm"),
+        (dict(clipping="per_layer", max_grad_norm=[1.0, -1.0]), "max_grad_norm must be a finite number > 0"),
+        (dict(clipping="flat", groups=[["0"], ["2"]]), "groups= is for clipping='group'"),
+        (dict(clipping="automatic", auto_clip_gamma=0.0), "auto_clip_gamma must be"),
+    ],
+)
 def test_clipping_style_errors(kwargs, match):
     model = nn.Sequential(nn.Linear(7, 9), nn.Tanh(), nn.Linear(9, 4))
     kw = dict(max_grad_norm=1.0)
@@ -932,8 +1004,15 @@ def test_styles_with_accumulation_and_sequence_first(device, backend, style):
     (T, B, d) batch give the step of the whole batch, noise included."""
     base = _three_layers(device)
     x = torch.randn(4, 6, 7, generator=torch.Generator().manual_seed(21)).to(device)  # (T=4, B=6, d)
-    kw = dict(clipping=style, max_grad_norm=0.6, noise_multiplier=0.8, expected_batch_size=6, seed=5,
-              batch_first=False, backend=backend)
+    kw = dict(
+        clipping=style,
+        max_grad_norm=0.6,
+        noise_multiplier=0.8,
+        expected_batch_size=6,
+        seed=5,
+        batch_first=False,
+        backend=backend,
+    )
     if style == "group":
         kw["groups"] = [["2"], ["0", "4"]]
 
@@ -941,7 +1020,7 @@ def test_styles_with_accumulation_and_sequence_first(device, backend, style):
         model, opt = private(copy.deepcopy(base), **kw)
         start = 0
         for i, n in enumerate(chunks):
-            model(x[:, start:start + n]).square().sum(dim=(0, 2)).mean().backward()
+            model(x[:, start : start + n]).square().sum(dim=(0, 2)).mean().backward()
             start += n
             if i + 1 < len(chunks):
                 opt.accumulate()

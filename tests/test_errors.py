@@ -3,6 +3,7 @@ models and optimizers that cannot be trained privately, and misuse of a private 
 
 A model whose gradient could escape clipping must be refused, never trained silently.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -35,7 +36,9 @@ def _private(model, **kw):
 
 OPS = {
     "sq_norms": lambda x, g, **kw: functional.linear_sq_norms(x, g, **kw),
-    "clipped_grad": lambda x, g, **kw: functional.linear_clipped_grad(x, g, torch.ones(x.shape[0], device=x.device), **kw),
+    "clipped_grad": lambda x, g, **kw: functional.linear_clipped_grad(
+        x, g, torch.ones(x.shape[0], device=x.device), **kw
+    ),
 }
 
 
@@ -203,8 +206,11 @@ def test_frozen_batchnorm_in_training_mode_is_refused():
     model[1].requires_grad_(False)
     with pytest.raises(ValueError, match="BatchNorm1d '1'.*batch statistics"):
         dpkernels.make_private(
-            model, torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1),
-            noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4,
+            model,
+            torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            expected_batch_size=4,
         )
 
 
@@ -227,16 +233,23 @@ def test_linear_subclass_that_overrides_forward_is_not_converted():
 
     model, _ = _private(nn.Sequential(KeepsForward(7, 9), nn.Tanh(), nn.Linear(9, 4)))
     assert isinstance(model[0], dpkernels.nn.DPLinear)
-    with pytest.raises(ValueError, match="OwnForward '0'.*subclasses torch.nn.modules.linear.Linear but overrides "
-                                         "forward.*register_dp_layer"):
+    with pytest.raises(
+        ValueError,
+        match="OwnForward '0'.*subclasses torch.nn.modules.linear.Linear but overrides forward.*register_dp_layer",
+    ):
         _private(nn.Sequential(OwnForward(7, 9), nn.Tanh(), nn.Linear(9, 4)), fallback=False)
 
 
 def test_model_without_trainable_parameters():
     model = _mlp().requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameter"):
-        dpkernels.make_private(model, torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=0.1),
-                               noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4)
+        dpkernels.make_private(
+            model,
+            torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=0.1),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            expected_batch_size=4,
+        )
 
 
 def test_other_unsupported_parameters_are_named():
@@ -291,8 +304,13 @@ def test_make_private_twice():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     model, dp_opt = dpkernels.make_private(model, opt, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4)
     with pytest.raises(RuntimeError, match="already attached to a private optimizer"):
-        dpkernels.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1),
-                               noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4)
+        dpkernels.make_private(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            expected_batch_size=4,
+        )
     with pytest.raises(RuntimeError, match="already"):
         dpkernels.make_private(_mlp(), dp_opt, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4)
 
@@ -451,7 +469,9 @@ def test_nan_input_names_the_layer(clipping):
     x[2, 3] = float("nan")
     model(x).sum().backward()
     before = [p.detach().clone() for p in model.parameters()]
-    with pytest.raises(FloatingPointError, match=r"non-finite per-example gradient norm in DP layer '\d'.*examples \[2\]"):
+    with pytest.raises(
+        FloatingPointError, match=r"non-finite per-example gradient norm in DP layer '\d'.*examples \[2\]"
+    ):
         opt.step()
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))  # no update was made
     # the failed step left nothing behind: no gradients, and no records a retry could reuse
@@ -496,8 +516,15 @@ def test_accountant_with_zero_noise_is_refused_up_front():
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ValueError, match="no privacy"):
-        dpkernels.make_private(model, opt, noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=4,
-                               accountant=Acc(), sample_rate=0.1)
+        dpkernels.make_private(
+            model,
+            opt,
+            noise_multiplier=0.0,
+            max_grad_norm=1.0,
+            expected_batch_size=4,
+            accountant=Acc(),
+            sample_rate=0.1,
+        )
 
 
 def test_data_parallel_wrappers_are_refused():

@@ -6,6 +6,7 @@ per-example loop in every clipping style; reported, or refused with ``fallback=F
 refused where the per-example gradients cannot be recomputed (randomness in training, examples
 mixed, a parameter used outside the module, too many parameters, BatchNorm).
 """
+
 from __future__ import annotations
 
 import copy
@@ -171,6 +172,7 @@ def test_fallback_noise_is_drawn_once_per_parameter_and_accumulation_matches():
     split, _ = run(1.0, True)
     for n in clean:
         torch.testing.assert_close(split[n], noisy[n], rtol=1e-5, atol=1e-6, msg=n)
-    expected = dpkernels.functional.gaussian_noise((1, 4, 5), std=opt.noise_std,
-                                                   generator=opt._key(opt.dp_modules[0][1].pos, "pos"), backend="torch")
+    expected = dpkernels.functional.gaussian_noise(
+        (1, 4, 5), std=opt.noise_std, generator=opt._key(opt.dp_modules[0][1].pos, "pos"), backend="torch"
+    )
     torch.testing.assert_close(noisy["pos"] - clean["pos"], expected, rtol=1e-4, atol=1e-6)

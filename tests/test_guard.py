@@ -6,6 +6,7 @@ that pass any size bound, ids with no batch dimension when B = T, sequence-first
 rows that mix examples. Each is either exact (``dpkernels.verify`` against a float64 per-example
 loop) or refused before any gradient is written.
 """
+
 from __future__ import annotations
 
 import copy
@@ -25,8 +26,9 @@ transformers = pytest.importorskip("transformers")
 
 def _private(model, B, **kw):
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    return dpkernels.make_private(model, opt, noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=B,
-                                  backend="torch", **kw)
+    return dpkernels.make_private(
+        model, opt, noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=B, backend="torch", **kw
+    )
 
 
 def _only_trainable(model: nn.Module, keep) -> nn.Module:

@@ -3,6 +3,7 @@
 The fused sampler must give Opacus exactly the per-sample norms its own nn.Linear sampler gives
 (which materialises B×T×T Grams), and a whole Opacus ghost-clipping step must come out the same.
 """
+
 from __future__ import annotations
 
 import copy
@@ -65,8 +66,14 @@ def _ghost_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         gs_model, dp_opt, criterion, _ = PrivacyEngine().make_private(
-            module=model, optimizer=opt, data_loader=loader, criterion=nn.CrossEntropyLoss(),
-            noise_multiplier=0.0, max_grad_norm=0.3, poisson_sampling=False, grad_sample_mode="ghost",
+            module=model,
+            optimizer=opt,
+            data_loader=loader,
+            criterion=nn.CrossEntropyLoss(),
+            noise_multiplier=0.0,
+            max_grad_norm=0.3,
+            poisson_sampling=False,
+            grad_sample_mode="ghost",
         )
         logits = gs_model(x)
         loss = criterion(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), shape=logits.shape)
@@ -118,7 +125,9 @@ def test_embedding_norms_equal_opacus_own(device, backend, shape, vocab):
     layer = nn.Embedding(vocab, 6).to(device)
     ours = dpk_opacus.embedding_norm_sample(layer, [ids], grads, backend=backend)
     ids2, grads2 = (ids.unsqueeze(1), grads.unsqueeze(1)) if ids.dim() == 1 else (ids, grads)
-    theirs = compute_embedding_norm_sample(layer, [ids2.reshape(shape[0], -1)], grads2.reshape(shape[0], -1, 6).double())
+    theirs = compute_embedding_norm_sample(
+        layer, [ids2.reshape(shape[0], -1)], grads2.reshape(shape[0], -1, 6).double()
+    )
     torch.testing.assert_close(ours[layer.weight].double(), theirs[layer.weight].double(), rtol=1e-5, atol=1e-7)
 
 
@@ -141,8 +150,9 @@ def test_opacus_ghost_step_with_an_embedding_uses_the_fused_kernel(monkeypatch, 
     reference = _ghost_step(copy.deepcopy(model), ids, y)
     calls = []
     fused = dpk_opacus.functional.embedding_sq_norms
-    monkeypatch.setattr(dpk_opacus.functional, "embedding_sq_norms",
-                        lambda *a, **k: calls.append(k.get("backend")) or fused(*a, **k))
+    monkeypatch.setattr(
+        dpk_opacus.functional, "embedding_sq_norms", lambda *a, **k: calls.append(k.get("backend")) or fused(*a, **k)
+    )
     dpk_opacus.use_fused_norms(backend=backend)
     ours = _ghost_step(copy.deepcopy(model), ids, y)
     assert calls == [backend]

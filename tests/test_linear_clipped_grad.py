@@ -4,6 +4,7 @@ The fused GEMM scales G's rows by the clip factors on load and adds the noise in
 epilogue; a row scaled by the wrong example's factor, a tile dropped at an edge, or noise
 drawn from the wrong counter would all break these equalities.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -68,7 +69,9 @@ def test_float32_output_of_half_inputs(device, backend, case):
     x, g = make_inputs(case, device, torch.bfloat16)
     c = clip_factors(x.shape[0], device)
     key = PhiloxKey(4, 0, 0)
-    gw, gb = functional.linear_clipped_grad(x, g, c, noise_std=0.1, generator=key, backend=backend, out_dtype=torch.float32)
+    gw, gb = functional.linear_clipped_grad(
+        x, g, c, noise_std=0.1, generator=key, backend=backend, out_dtype=torch.float32
+    )
     assert gw.dtype == torch.float32 and gb.dtype == torch.float32
     rw, rb = linear_clipped_sum_oracle(x, g, c, True)
     rw = rw.cpu() + _noise(key, gw.shape, 0.1, device).cpu()
@@ -126,7 +129,9 @@ def test_noise_only_when_factors_are_zero(device, backend):
     """c = 0 for every example: the output is exactly the noise term (no data leaks in)."""
     x, g = make_inputs("3d:3x7x33x45", device)
     key = PhiloxKey(5, 0, 2)
-    gw, gb = functional.linear_clipped_grad(x, g, torch.zeros(3, device=device), noise_std=2.0, generator=key, backend=backend)
+    gw, gb = functional.linear_clipped_grad(
+        x, g, torch.zeros(3, device=device), noise_std=2.0, generator=key, backend=backend
+    )
     _close(gw, _noise(key, gw.shape, 2.0, device), 1e-6)
     _close(gb, _noise(PhiloxKey(5, 0, 3), gb.shape, 2.0, device), 1e-6)
     gw0, gb0 = functional.linear_clipped_grad(x, g, torch.zeros(3, device=device), backend=backend)
@@ -149,8 +154,12 @@ def test_fresh_noise_without_a_key(device, backend):
     b, _ = functional.linear_clipped_grad(x, g, c, noise_std=1.0, backend=backend)
     assert not bool((a == b).any())
     # a seeded torch.Generator reproduces
-    a, ab = functional.linear_clipped_grad(x, g, c, noise_std=1.0, generator=torch.Generator().manual_seed(3), backend=backend)
-    b, bb = functional.linear_clipped_grad(x, g, c, noise_std=1.0, generator=torch.Generator().manual_seed(3), backend=backend)
+    a, ab = functional.linear_clipped_grad(
+        x, g, c, noise_std=1.0, generator=torch.Generator().manual_seed(3), backend=backend
+    )
+    b, bb = functional.linear_clipped_grad(
+        x, g, c, noise_std=1.0, generator=torch.Generator().manual_seed(3), backend=backend
+    )
     assert torch.equal(a, b) and torch.equal(ab, bb)
 
 

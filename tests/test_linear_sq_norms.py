@@ -5,6 +5,7 @@ checked on the shapes where tiled kernels go wrong: B = 1, T = 1, sizes that are
 multiples of the tiles (1, 7, 33, 45), T spanning several ghost tiles, p and d spanning
 several direct tiles, 3-D and 4-D inputs, non-contiguous views, and half precision.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -80,7 +81,9 @@ def test_bias_term_is_the_difference(device, backend):
     x, g = make_inputs("3d:3x7x33x45", device)
     with_b = functional.linear_sq_norms(x, g, bias=True, method="ghost", backend=backend)
     without = functional.linear_sq_norms(x, g, bias=False, method="direct", backend=backend)
-    torch.testing.assert_close((with_b - without).double().cpu(), g.double().sum(1).square().sum(1).cpu(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        (with_b - without).double().cpu(), g.double().sum(1).square().sum(1).cpu(), rtol=1e-4, atol=1e-4
+    )
 
 
 def test_zero_gradient_example_has_zero_norm(device, backend):

@@ -4,6 +4,7 @@ Keeps the README's first command and `bash bench/run_all.sh` from rotting: the d
 and report, and every benchmark script must run its smoke mode with the dpkernels step agreeing
 with the per-example reference loop.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,9 +29,24 @@ def _env() -> dict:
 def test_demo_trains_privately_and_reports(model):
     pytest.importorskip("sklearn")
     proc = subprocess.run(
-        [sys.executable, "-m", "dpkernels.demo", "--epochs", "2", "--batch-size", "256", "--lr", "0.2",
-         "--model", model],
-        capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "dpkernels.demo",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "256",
+            "--lr",
+            "0.2",
+            "--model",
+            model,
+        ],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=ROOT,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = {line.split()[0]: line.split() for line in proc.stdout.splitlines() if line.strip()}
@@ -44,7 +60,11 @@ def test_demo_trains_privately_and_reports(model):
 def test_benchmark_smoke_runs_every_script(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "--smoke", "--out-dir", str(tmp_path)],
-        capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=1200,
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=ROOT,
+        timeout=1200,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     names = {p.name.split("-")[0] for p in tmp_path.glob("*.json")}
@@ -67,8 +87,14 @@ def test_cpu_benchmarks_smoke(tmp_path):
     env = {**_env(), "TRITON_INTERPRET": "0"}
     for script in ("bench_cpu.py", "bench_cpu_norms.py"):
         args = [sys.executable, str(ROOT / "bench" / script), "--smoke", "--out-dir", str(tmp_path)]
-        proc = subprocess.run(args + (["--profile"] if script == "bench_cpu.py" else []), capture_output=True,
-                              text=True, env=env, cwd=ROOT, timeout=900)
+        proc = subprocess.run(
+            args + (["--profile"] if script == "bench_cpu.py" else []),
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=ROOT,
+            timeout=900,
+        )
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     step = json.loads(next(tmp_path.glob("cpu_step-*.json")).read_text())
     for workload in step["results"]:
@@ -79,7 +105,9 @@ def test_cpu_benchmarks_smoke(tmp_path):
         assert modes["dpkernels"]["grad_rel_err_vs_loop"] < 1e-4, workload["describe"]
         shares = workload["profile"]
         assert set(shares) == {"norms", "clip_factors", "clipped_sums", "noise", "rest of the step"}
-        assert all(v >= 0 for k, v in shares.items() if k != "rest of the step") and sum(shares.values()) == pytest.approx(100)
+        assert all(v >= 0 for k, v in shares.items() if k != "rest of the step") and sum(
+            shares.values()
+        ) == pytest.approx(100)
     norms = json.loads(next(tmp_path.glob("cpu_conv_norms-*.json")).read_text())
     for row in norms["results"]:
         assert row["max_rel_diff"] < 1e-4 and row["auto_ms"] > 0, row
@@ -97,7 +125,11 @@ def test_demo_gpt2_trains_privately_and_reports():
     pytest.importorskip("transformers")
     proc = subprocess.run(
         [sys.executable, "-m", "dpkernels.demo", "--model", "gpt2", "--epochs", "1"],
-        capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=600,
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=ROOT,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = {line.split()[0]: line.split() for line in proc.stdout.splitlines() if line.strip()}

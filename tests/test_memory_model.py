@@ -1,5 +1,6 @@
 """bench/memory_model.py: its byte counting, its smoke run, and (GPU) its prediction against
 torch.cuda.max_memory_allocated."""
+
 from __future__ import annotations
 
 import argparse
@@ -80,8 +81,9 @@ def test_dpkernels_ops_count_their_outputs_on_meta():
 
 
 def _args(**kw) -> argparse.Namespace:
-    base = dict(optimizer="sgd", norm_method="auto", timeline=False, modes=["non_private", "dpkernels"],
-                dtype=["float32"])
+    base = dict(
+        optimizer="sgd", norm_method="auto", timeline=False, modes=["non_private", "dpkernels"], dtype=["float32"]
+    )
     base.update(kw)
     return argparse.Namespace(**base)
 
@@ -106,9 +108,23 @@ def test_meta_step_runs_and_dpkernels_keeps_nothing_between_steps(workload):
 def test_memory_model_command_writes_results(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.memory_model", "--smoke", "--modes", "non_private", "naive", "dpkernels",
-         "--out-dir", str(tmp_path)],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "bench.memory_model",
+            "--smoke",
+            "--modes",
+            "non_private",
+            "naive",
+            "dpkernels",
+            "--out-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     doc = json.loads(next(tmp_path.glob("memory_model-meta-*.json")).read_text())
@@ -121,10 +137,13 @@ def test_memory_model_command_writes_results(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind,cfg", [
-    ("stack", models.StackConfig(width=384, depth=4, batch=24, seq=96)),
-    ("gpt", models.GPTConfig(vocab=1000, seq=64, d_model=128, n_layer=2, n_head=4, d_mlp=512, batch=8)),
-])
+@pytest.mark.parametrize(
+    "kind,cfg",
+    [
+        ("stack", models.StackConfig(width=384, depth=4, batch=24, seq=96)),
+        ("gpt", models.GPTConfig(vocab=1000, seq=64, d_model=128, n_layer=2, n_head=4, d_mlp=512, batch=8)),
+    ],
+)
 @pytest.mark.parametrize("mode", ["non_private", "dpkernels"])
 def test_prediction_matches_cuda_allocator(kind, cfg, mode):
     """What a step adds on top of what is resident, predicted on meta vs measured on the GPU."""

@@ -6,6 +6,7 @@ one example) in float64; the package recomputes x̂ from the forward's statistic
 so a wrong statistic index (a row's mean applied to another row, a channel's group mixed up)
 breaks these equalities.
 """
+
 from __future__ import annotations
 
 import copy
@@ -69,7 +70,14 @@ def _close(out, ref, dtype):
     torch.testing.assert_close(out.double().cpu(), ref.cpu(), rtol=tol, atol=tol * max(scale, 1e-30))
 
 
-LAYER_CASES = [((1, 5), (5,)), ((3, 37, 19), (19,)), ((2, 4, 3, 6), (3, 6)), ((5, 1, 33), (33,)), ((2, 70, 40), (40,)), ((1, 300, 5), (5,))]  # the last: rows split over programs
+LAYER_CASES = [
+    ((1, 5), (5,)),
+    ((3, 37, 19), (19,)),
+    ((2, 4, 3, 6), (3, 6)),
+    ((5, 1, 33), (33,)),
+    ((2, 70, 40), (40,)),
+    ((1, 300, 5), (5,)),
+]  # the last: rows split over programs
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -179,7 +187,11 @@ def test_modules_are_drop_in(make, dp_cls):
 
 
 def test_layers_without_affine_parameters_are_left_alone():
-    for m in (nn.LayerNorm(5, elementwise_affine=False), nn.RMSNorm(5, elementwise_affine=False), nn.GroupNorm(1, 5, affine=False)):
+    for m in (
+        nn.LayerNorm(5, elementwise_affine=False),
+        nn.RMSNorm(5, elementwise_affine=False),
+        nn.GroupNorm(1, 5, affine=False),
+    ):
         assert dpkernels.nn.convert(m) is m
 
 
@@ -220,8 +232,15 @@ def test_private_step_matches_the_oracle(device, backend, loss_reduction):
 
     model.to(device)
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    model, opt = dpkernels.make_private(model, opt, noise_multiplier=0.0, max_grad_norm=C, expected_batch_size=B,
-                                        loss_reduction=loss_reduction, backend=backend)
+    model, opt = dpkernels.make_private(
+        model,
+        opt,
+        noise_multiplier=0.0,
+        max_grad_norm=C,
+        expected_batch_size=B,
+        loss_reduction=loss_reduction,
+        backend=backend,
+    )
     assert isinstance(model.ln, DPLayerNorm) and isinstance(model.rms, DPRMSNorm) and isinstance(model.gn, DPGroupNorm)
     F.cross_entropy(model(x.to(device)), y.to(device), reduction=loss_reduction).backward()
     opt.write_private_grads()
@@ -240,8 +259,16 @@ def test_sequence_first_layer_norm():
     T, B = 6, 4
     x = torch.randn(T, B, 5)
     opt = torch.optim.SGD(net.parameters(), lr=1.0)
-    net, opt = dpkernels.make_private(net, opt, noise_multiplier=0.0, max_grad_norm=0.5, expected_batch_size=B,
-                                      loss_reduction="sum", batch_first=False, backend="torch")
+    net, opt = dpkernels.make_private(
+        net,
+        opt,
+        noise_multiplier=0.0,
+        max_grad_norm=0.5,
+        expected_batch_size=B,
+        loss_reduction="sum",
+        batch_first=False,
+        backend="torch",
+    )
     net(x).square().sum().backward()
     opt.write_private_grads()
 
@@ -261,8 +288,9 @@ def test_noise_on_norm_parameters():
     torch.manual_seed(5)
     net = nn.Sequential(nn.Linear(4, 300), nn.LayerNorm(300), nn.Linear(300, 1))
     opt = torch.optim.SGD(net.parameters(), lr=0.0)
-    net, opt = dpkernels.make_private(net, opt, noise_multiplier=2.0, max_grad_norm=1e-6, expected_batch_size=1,
-                                      seed=11, backend="torch")
+    net, opt = dpkernels.make_private(
+        net, opt, noise_multiplier=2.0, max_grad_norm=1e-6, expected_batch_size=1, seed=11, backend="torch"
+    )
     net(torch.randn(1, 4)).sum().backward()
     opt.write_private_grads()
     w, b = net[1].weight.grad, net[1].bias.grad
@@ -276,8 +304,9 @@ def test_frozen_weight_trainable_bias():
     net = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 1))
     net[1].weight.requires_grad_(False)
     opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
-    net, opt = dpkernels.make_private(net, opt, noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=3,
-                                      backend="torch")
+    net, opt = dpkernels.make_private(
+        net, opt, noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=3, backend="torch"
+    )
     net(torch.randn(3, 4)).sum().backward()
     opt.step()
     assert net[1].weight.grad is None and net[1].bias.grad is not None
@@ -286,15 +315,21 @@ def test_frozen_weight_trainable_bias():
 def test_batchnorm_is_still_refused():
     net = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 1))
     with pytest.raises(ValueError, match="BatchNorm mixes the examples"):
-        dpkernels.make_private(net, torch.optim.SGD(net.parameters(), lr=0.1), noise_multiplier=1.0,
-                               max_grad_norm=1.0, expected_batch_size=4)
+        dpkernels.make_private(
+            net,
+            torch.optim.SGD(net.parameters(), lr=0.1),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            expected_batch_size=4,
+        )
 
 
 def test_autocast_runs_norms_in_float32():
     net = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 1))
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    net, opt = dpkernels.make_private(net, opt, noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=3,
-                                      backend="torch")
+    net, opt = dpkernels.make_private(
+        net, opt, noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=3, backend="torch"
+    )
     dtypes = {}
     for i in (0, 1):
         net[i].register_forward_hook(lambda m, a, out, i=i: dtypes.__setitem__(i, out.dtype))
@@ -314,8 +349,7 @@ def test_styles_and_accumulation_with_norm_layers(device, backend, style):
     base = nn.Sequential(nn.Linear(5, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 8), nn.RMSNorm(8), nn.Linear(8, 2))
     base.to(device)
     x = torch.randn(6, 3, 5).to(device)
-    kw = dict(clipping=style, max_grad_norm=0.4, noise_multiplier=0.7, expected_batch_size=6, seed=8,
-              backend=backend)
+    kw = dict(clipping=style, max_grad_norm=0.4, noise_multiplier=0.7, expected_batch_size=6, seed=8, backend=backend)
     if style == "group":
         kw["groups"] = [["0", "1"], ["3", "4", "5"]]
 
@@ -325,7 +359,7 @@ def test_styles_and_accumulation_with_norm_layers(device, backend, style):
         model, opt = dpkernels.make_private(model, opt, **kw)
         start = 0
         for i, n in enumerate(chunks):
-            model(x[start:start + n]).square().mean().backward()
+            model(x[start : start + n]).square().mean().backward()
             start += n
             if i + 1 < len(chunks):
                 opt.accumulate()

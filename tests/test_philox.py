@@ -6,6 +6,7 @@ same normals as the torch reference, also for element indices past 2^32; the nor
 N(0, 1); no two (element, step, stream) counters share a draw; keys are reproducible from a
 seed and fresh (unpredictable) without one.
 """
+
 from __future__ import annotations
 
 import math

@@ -8,6 +8,7 @@ half of the examples are clipped. The tied and all-trainable cases train every p
 ``test_guard.py`` has the cases the guard must refuse, ``test_tied.py`` and ``test_fallback.py``
 the ties and the fallback on their own.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -17,8 +18,14 @@ import dpkernels
 import real_models
 from timm_import import import_timm
 
-LIBRARY = {"timm_vit": "timm", "timm_vit_all": "timm", "timm_resnet": "timm", "lora_gpt2": "peft",
-           "lora_llama": "peft", "torch_encoder": None}
+LIBRARY = {
+    "timm_vit": "timm",
+    "timm_vit_all": "timm",
+    "timm_resnet": "timm",
+    "lora_gpt2": "peft",
+    "lora_llama": "peft",
+    "torch_encoder": None,
+}
 
 
 @pytest.mark.parametrize("name", list(real_models.CASES))

@@ -1,4 +1,5 @@
 """The registry of DP layers: MRO lookup, subclasses, user registrations (the README's example)."""
+
 from __future__ import annotations
 
 import copy
@@ -53,10 +54,19 @@ def test_a_subclass_that_overrides_forward_is_refused_by_class_name():
     """Strict (fallback=False): refused, naming the class; by default its few parameters run on the
     torch.func fallback, reported, and exact."""
     model = nn.Sequential(ScaledLinear(5, 3))
-    with pytest.raises(ValueError, match=r"ScaledLinear '0'.*subclasses torch.nn.modules.linear.Linear but overrides "
-                                         r"forward.*register_dp_layer"):
-        dpkernels.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0,
-                               max_grad_norm=1.0, expected_batch_size=6, fallback=False)
+    with pytest.raises(
+        ValueError,
+        match=r"ScaledLinear '0'.*subclasses torch.nn.modules.linear.Linear but overrides "
+        r"forward.*register_dp_layer",
+    ):
+        dpkernels.make_private(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            expected_batch_size=6,
+            fallback=False,
+        )
     with pytest.warns(dpkernels.nn.fallback.DPFallbackWarning, match="ScaledLinear"):
         report = dpkernels.verify(nn.Sequential(ScaledLinear(5, 3)), _ce, _batch(), backend="torch")
     assert report.ok, str(report)

@@ -7,6 +7,7 @@ bfloat16, both backends (Triton under TRITON_INTERPRET=1 on CPU). Then whole ste
 against a float64 per-example loop in every clipping style, gradient accumulation, and the noise
 drawn once per tied parameter.
 """
+
 from __future__ import annotations
 
 import copy
@@ -48,12 +49,20 @@ def _tensors(B, T, S, p, V, dtype, device, seed=0, repeated=False, strided=False
     if strided:  # x and the head's gradient as views of sequence-first tensors
         x = x.transpose(0, 1).contiguous().transpose(0, 1)
         gh = gh.transpose(0, 1).contiguous().transpose(0, 1)
-    return (tok.to(device), ge.to(device=device, dtype=dtype), x.to(device=device, dtype=dtype),
-            gh.to(device=device, dtype=dtype))
+    return (
+        tok.to(device),
+        ge.to(device=device, dtype=dtype),
+        x.to(device=device, dtype=dtype),
+        gh.to(device=device, dtype=dtype),
+    )
 
 
 SHAPES = [  # B, T, S, p, V
-    (3, 5, 7, 6, 11), (1, 1, 1, 4, 5), (2, 1, 9, 8, 17), (4, 33, 1, 5, 23), (2, 40, 37, 9, 50),
+    (3, 5, 7, 6, 11),
+    (1, 1, 1, 4, 5),
+    (2, 1, 9, 8, 17),
+    (4, 33, 1, 5, 23),
+    (2, 40, 37, 9, 50),
 ]
 
 
@@ -62,8 +71,9 @@ SHAPES = [  # B, T, S, p, V
 @pytest.mark.parametrize("variant", ["plain", "repeated", "strided"])
 def test_embedding_linear_cross_matches_oracle(device, backend, shape, padding_idx, variant):
     B, T, S, p, V = shape
-    tok, ge, x, gh = _tensors(B, T, S, p, V, torch.float32, device, repeated=variant == "repeated",
-                              strided=variant == "strided")
+    tok, ge, x, gh = _tensors(
+        B, T, S, p, V, torch.float32, device, repeated=variant == "repeated", strided=variant == "strided"
+    )
     got = functional.embedding_linear_cross(tok, ge, x, gh, padding_idx=padding_idx, backend=backend)
     ref = _dot(_embedding_grads(tok, ge, V, padding_idx), _linear_grads(x, gh))
     assert got.dtype == torch.float32 and got.shape == (B,)
@@ -100,8 +110,12 @@ def test_other_cross_terms_match_oracle():
     dense = torch.randn(B, V, p, generator=gen)
     lin1, lin2 = ties.LinearUse(x1, g1), ties.LinearUse(x2, g2)
     tok1, tok2 = ties.TokenUse(t1, e1, V, 1), ties.TokenUse(t2, e2, V, 1)
-    per = {id(lin1): _linear_grads(x1, g1), id(lin2): _linear_grads(x2, g2), id(tok1): _embedding_grads(t1, e1, V, 1),
-           id(tok2): _embedding_grads(t2, e2, V, 1)}
+    per = {
+        id(lin1): _linear_grads(x1, g1),
+        id(lin2): _linear_grads(x2, g2),
+        id(tok1): _embedding_grads(t1, e1, V, 1),
+        id(tok2): _embedding_grads(t2, e2, V, 1),
+    }
     den = ties.DenseUse(dense)
     per[id(den)] = dense.double()
     for a, b in [(lin1, lin2), (tok1, tok2), (den, lin1), (tok1, den), (den, den), (lin2, tok2)]:
@@ -149,8 +163,11 @@ class TiedLinears(nn.Module):
 
 def _lm_batch(B=6, T=5, V=19, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, V, (B, T), generator=g), torch.randint(0, V, (B, 4), generator=g), \
-        torch.randint(0, V, (B, T), generator=g)
+    return (
+        torch.randint(0, V, (B, T), generator=g),
+        torch.randint(0, V, (B, 4), generator=g),
+        torch.randint(0, V, (B, T), generator=g),
+    )
 
 
 def _lm_loss(model, batch):
@@ -190,8 +207,9 @@ def test_tied_models_are_exact(name, clipping, backend, device):
 def test_group_clipping_keeps_a_tie_in_one_group():
     torch.manual_seed(0)
     model = TiedLM()
-    report = dpkernels.verify(model, _lm_loss, _lm_batch(), clipping="group", groups=[["emb", "head"], ["mix"]],
-                              backend="torch")
+    report = dpkernels.verify(
+        model, _lm_loss, _lm_batch(), clipping="group", groups=[["emb", "head"], ["mix"]], backend="torch"
+    )
     assert report.ok, str(report)
     with pytest.raises(ValueError, match="share a parameter.*one clipping group"):
         dpkernels.verify(model, _lm_loss, _lm_batch(), clipping="group", groups=[["emb", "mix"], ["head"]])
@@ -199,8 +217,9 @@ def test_group_clipping_keeps_a_tie_in_one_group():
 
 def _step(model, batches, sigma=0.9, seed=11):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    model, opt = dpkernels.make_private(model, opt, noise_multiplier=sigma, max_grad_norm=0.5,
-                                        expected_batch_size=6, seed=seed, backend="torch")
+    model, opt = dpkernels.make_private(
+        model, opt, noise_multiplier=sigma, max_grad_norm=0.5, expected_batch_size=6, seed=seed, backend="torch"
+    )
     for i, b in enumerate(batches):
         _lm_loss(model, b).backward()
         if i + 1 < len(batches):

@@ -3,6 +3,7 @@
 The interpreter (TRITON_INTERPRET=1) checks the kernels' arithmetic but not whether they
 lower to GPU code; this compiles each one to a cubin in a subprocess without the interpreter.
 """
+
 from __future__ import annotations
 
 import os
@@ -32,7 +33,8 @@ COMPAT_PYTHON = os.environ.get("DPKERNELS_COMPAT_PYTHON")
 PYTHONS = [pytest.param(sys.executable, id="installed-triton")]
 PYTHONS.append(
     pytest.param(
-        COMPAT_PYTHON, id="compat-triton",
+        COMPAT_PYTHON,
+        id="compat-triton",
         marks=pytest.mark.skipif(not COMPAT_PYTHON, reason="DPKERNELS_COMPAT_PYTHON not set (.ci/run sets it)"),
     )
 )
@@ -45,7 +47,10 @@ def test_all_kernels_compile_for_sm90(python):
     env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")])
     proc = subprocess.run(
         [python, str(HERE / "compile_kernels_sm90.py")],
-        capture_output=True, text=True, env=env, timeout=900,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
     )
     report = proc.stdout + proc.stderr[-4000:]
     assert proc.returncode == 0, report

@@ -1,5 +1,6 @@
 """Triton is optional: without it the package imports, trains privately on the torch backend,
 reports the missing backend, and refuses an explicit request for it with a clear error."""
+
 from __future__ import annotations
 
 import os

@@ -10,6 +10,7 @@ placeholder that raises if it is used. The stand-in is removed from ``sys.module
 ``sys.meta_path`` once timm is imported, so nothing else (transformers checks for torchvision)
 sees it.
 """
+
 from __future__ import annotations
 
 import importlib.abc

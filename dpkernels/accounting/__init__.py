@@ -17,6 +17,7 @@ composition); ``RDPAccountant`` is the classic Renyi-DP bound. Both accept a his
 heterogeneous segments (call ``step`` with new settings) and save/restore it with
 ``state_dict()`` / ``load_state_dict()``. Command line: ``python -m dpkernels.accounting -h``.
 """
+
 from .calibration import calibrate_noise_multiplier, steps_for_epochs
 from .pld import PLDAccountant
 from .rdp import DEFAULT_ORDERS, RDPAccountant, compute_rdp, rdp_to_delta, rdp_to_epsilon

@@ -1,10 +1,11 @@
 """Command line: ``python -m dpkernels.accounting``.
 
-    python -m dpkernels.accounting --noise-multiplier 1.1 --sample-rate 0.004 --steps 10000 --delta 1e-5
-        prints epsilon from each accountant (the PLD one is the tight number to report);
-    python -m dpkernels.accounting --target-epsilon 3 --sample-rate 0.004 --steps 10000 --delta 1e-5
-        prints the smallest noise multiplier that meets the target, for each accountant.
+python -m dpkernels.accounting --noise-multiplier 1.1 --sample-rate 0.004 --steps 10000 --delta 1e-5
+    prints epsilon from each accountant (the PLD one is the tight number to report);
+python -m dpkernels.accounting --target-epsilon 3 --sample-rate 0.004 --steps 10000 --delta 1e-5
+    prints the smallest noise multiplier that meets the target, for each accountant.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,7 +26,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m dpkernels.accounting",
         description="Privacy accounting for DP-SGD (Poisson-subsampled Gaussian, add/remove-one adjacency).",
     )
-    p.add_argument("--noise-multiplier", "-s", type=float, help="noise std / clipping norm (omit with --target-epsilon)")
+    p.add_argument(
+        "--noise-multiplier", "-s", type=float, help="noise std / clipping norm (omit with --target-epsilon)"
+    )
     p.add_argument("--sample-rate", "-q", type=float, required=True, help="Poisson sampling probability per step")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--steps", "-n", type=int, help="number of steps")
@@ -37,7 +40,11 @@ def _parser() -> argparse.ArgumentParser:
         "--accountant", choices=["pld", "rdp", "both"], default="both", help="which accountant(s) to run (default both)"
     )
     p.add_argument(
-        "--noise-range", type=float, nargs=2, default=NOISE_RANGE, metavar=("LOW", "HIGH"),
+        "--noise-range",
+        type=float,
+        nargs=2,
+        default=NOISE_RANGE,
+        metavar=("LOW", "HIGH"),
         help=f"calibration search range for the noise multiplier (default {NOISE_RANGE[0]:g} {NOISE_RANGE[1]:g})",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -58,8 +65,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             for name in names:
                 t0 = time.perf_counter()
                 sigma = calibrate_noise_multiplier(
-                    args.target_epsilon, args.delta, args.sample_rate, steps,
-                    accountant=name, noise_range=tuple(args.noise_range),
+                    args.target_epsilon,
+                    args.delta,
+                    args.sample_rate,
+                    steps,
+                    accountant=name,
+                    noise_range=tuple(args.noise_range),
                 )
                 out[f"{name}_noise_multiplier"] = sigma
                 lines.append(
@@ -78,7 +89,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 eps = acc.epsilon(args.delta)
                 out[f"{name}_epsilon"] = eps
                 note = "pessimistic, tight" if name == "pld" else "upper bound"
-                line = f"{name.upper()} epsilon: {eps:.4f}   (delta = {args.delta:g}; {note}; {time.perf_counter() - t0:.2f} s)"
+                seconds = time.perf_counter() - t0
+                line = f"{name.upper()} epsilon: {eps:.4f}   (delta = {args.delta:g}; {note}; {seconds:.2f} s)"
                 if args.epsilon is not None:
                     d = acc.delta(args.epsilon)
                     out[f"{name}_delta"] = d

@@ -6,6 +6,7 @@ independently with probability ``sample_rate`` and Gaussian noise of standard de
 ``noise_multiplier * clip_norm`` added to the clipped sum. Consecutive segments with the same
 (noise_multiplier, sample_rate) are merged, so a training loop may call ``step()`` once per step.
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, List, NamedTuple, Tuple

@@ -1,4 +1,5 @@
 """Argument checks shared by the accountants: every refusal says which argument and why."""
+
 from __future__ import annotations
 
 import math

@@ -5,6 +5,7 @@ Compares both accountants with Google's dp_accounting (if installed) on the test
 discretise, compose, answer) and noise calibration, pinned to one CPU core. Prints Markdown.
 Cells with q = 1 are also compared with the exact Gaussian-mechanism value.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -81,10 +82,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         import importlib.metadata as md
 
         versions += f", dp-accounting {md.version('dp-accounting')}"
-    print(f"Measured {datetime.date.today().isoformat()} on {_cpu_name()} (one core pinned), "
-          f"{platform.system()} {platform.machine()}; {versions}.\n")
-    print("| sigma | q | steps | delta | PLD eps (ours) | dp_accounting PLD | rel. diff | exact (q=1) "
-          "| RDP eps (ours) | dp_accounting RDP | rel. diff | PLD time (s) | RDP time (s) |")
+    print(
+        f"Measured {datetime.date.today().isoformat()} on {_cpu_name()} (one core pinned), "
+        f"{platform.system()} {platform.machine()}; {versions}.\n"
+    )
+    print(
+        "| sigma | q | steps | delta | PLD eps (ours) | dp_accounting PLD | rel. diff | exact (q=1) "
+        "| RDP eps (ours) | dp_accounting RDP | rel. diff | PLD time (s) | RDP time (s) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     worst_pld = worst_rdp = 0.0
     max_pld_t = max_rdp_t = 0.0
@@ -103,7 +108,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                 if dp is not None and not (q == 1.0 and n == 10_000):  # dp takes up to 17 s there
                     h = 1e-6 if (sigma, q) == (4.0, 1e-3) else 1e-4
                     if ref_single is None:
-                        ref_single = dp_pld.from_gaussian_mechanism(sigma, sampling_prob=q, value_discretization_interval=h)
+                        ref_single = dp_pld.from_gaussian_mechanism(
+                            sigma, sampling_prob=q, value_discretization_interval=h
+                        )
                     dp_p = ref_single.self_compose(n)
                     dp_r = dp.rdp.RdpAccountant()
                     dp_r.compose(dp.SelfComposedDpEvent(dp.PoissonSampledDpEvent(q, dp.GaussianDpEvent(sigma)), n))
@@ -131,14 +138,22 @@ def main(argv: Optional[List[str]] = None) -> int:
                     cols += [f"{t_pld:.2f}", f"{t_rdp:.3f}"] if delta == DELTAS[0] else ["", ""]
                     print("| " + " | ".join(cols) + " |")
                     sys.stdout.flush()
-    print(f"\nLargest |rel. diff| vs dp_accounting: PLD {worst_pld:.1e}, RDP {worst_rdp:.1e}. "
-          f"Slowest single query: PLD {max_pld_t:.2f} s, RDP {max_rdp_t:.3f} s.\n")
+    print(
+        f"\nLargest |rel. diff| vs dp_accounting: PLD {worst_pld:.1e}, RDP {worst_rdp:.1e}. "
+        f"Slowest single query: PLD {max_pld_t:.2f} s, RDP {max_rdp_t:.3f} s.\n"
+    )
     print("| calibration (target eps, delta, q, steps) | accountant | noise multiplier | time (s) |")
     print("|---|---|---|---|")
-    for target, delta, q, n in [(3.0, 1e-5, 0.01, 1000), (1.0, 1e-5, 0.004, 10_000), (8.0, 1e-6, 0.1, 10_000),
-                                (0.5, 1e-5, 1e-3, 10_000)]:
+    for target, delta, q, n in [
+        (3.0, 1e-5, 0.01, 1000),
+        (1.0, 1e-5, 0.004, 10_000),
+        (8.0, 1e-6, 0.1, 10_000),
+        (0.5, 1e-5, 1e-3, 10_000),
+    ]:
         for name in ("pld", "rdp"):
-            sigma, t = _timed(lambda args=(target, delta, q, n), name=name: calibrate_noise_multiplier(*args, accountant=name))
+            sigma, t = _timed(
+                lambda args=(target, delta, q, n), name=name: calibrate_noise_multiplier(*args, accountant=name)
+            )
             print(f"| {target:g}, {delta:g}, {q:g}, {n} | {name} | {sigma:.4g} | {t:.2f} |")
     return 0
 

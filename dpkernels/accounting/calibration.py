@@ -1,4 +1,5 @@
 """Noise calibration: the smallest noise multiplier that meets a target (epsilon, delta)."""
+
 from __future__ import annotations
 
 import math
@@ -26,9 +27,11 @@ def steps_for_epochs(epochs: float, sample_rate: float) -> int:
 
 def _make_epsilon_fn(accountant: str, delta: float, sample_rate: float, steps: int) -> Callable[[float], float]:
     if accountant == "pld":
+
         def eps(sigma: float) -> float:
             return PLDAccountant().step(sigma, sample_rate, steps).epsilon(delta)
     elif accountant == "rdp":
+
         def eps(sigma: float) -> float:
             return RDPAccountant().step(sigma, sample_rate, steps).epsilon(delta)
     else:

@@ -58,6 +58,7 @@ optimistic estimate. FFT round-off is bounded by c eps_mach (log2 N + 2 log2 T) 
 sqrt(N) (Higham's 2-norm bound; about 50x what is measured) and added too, and so is a
 1e-10 relative allowance on the sums. ``PLDAccountant.error_report()`` lists all of it.
 """
+
 from __future__ import annotations
 
 import math
@@ -422,7 +423,7 @@ def compose(
         pmf = parts[0][0]
         out = np.zeros(N)
         a, b = max(k_lo, pmf.offset), min(k_lo + N, pmf.offset + len(pmf.mass))
-        out[a - k_lo:b - k_lo] = pmf.mass[a - pmf.offset:b - pmf.offset]
+        out[a - k_lo : b - k_lo] = pmf.mass[a - pmf.offset : b - pmf.offset]
         return ComposedPLD(k_lo, out, -math.expm1(log_keep), h, tail_hi, tail_lo, True, 0.0)
     spectrum = None
     offset = 0
@@ -523,9 +524,7 @@ class PLDAccountant(AccountantBase):
         total_lo = sum(s.steps * lo for s, (lo, _) in zip(self._history, supports))
         total_hi = sum(s.steps * hi for s, (_, hi) in zip(self._history, supports))
         n = self.steps
-        ranges = [
-            (t_lo - (total_hi - hi) - (n + 2) * h, t_hi - (total_lo - lo) + (n + 2) * h) for (lo, hi) in supports
-        ]
+        ranges = [(t_lo - (total_hi - hi) - (n + 2) * h, t_hi - (total_lo - lo) + (n + 2) * h) for (lo, hi) in supports]
         return h, (t_lo, t_hi), [lam_lo, lam_hi], ranges
 
     def _composed(self, pessimistic: bool = True) -> Dict[str, ComposedPLD]:

@@ -18,6 +18,7 @@ minimised over the orders:
 and, whatever the order, delta(epsilon) <= delta(0) = TV <= sqrt(1 - exp(-RDP(alpha)))
 (Bretagnolle-Huber with KL <= RDP(alpha)), which gives epsilon = 0 when delta is that large.
 """
+
 from __future__ import annotations
 
 import math

@@ -19,6 +19,7 @@ may reuse for later values once the op (their last user) has run. So what the en
 the call (a flat-clipping step's (x, G), until ``optimizer.step()``) is copied there
 (``ModuleCollector.record(..., keep=copy)``); what it consumes at once (per-layer clipping) is not.
 """
+
 from __future__ import annotations
 
 import itertools

@@ -14,6 +14,7 @@ split   query, key and value differ (cross-attention) or have their own weights 
 Inputs are batch-first, (B, L, ·). Backward returns the input gradients as usual and no
 weight or bias gradient: only the engine writes those, clipped.
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional
@@ -26,7 +27,9 @@ from ._record import record
 
 class DPPackedProjectionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], collector: Any) -> torch.Tensor:
+    def forward(
+        ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], collector: Any
+    ) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
         ctx.collector = collector
         return F.linear(x, weight, bias)
@@ -41,10 +44,19 @@ class DPPackedProjectionFunction(torch.autograd.Function):
 
 class DPSplitProjectionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                w_q: torch.Tensor, w_k: torch.Tensor, w_v: torch.Tensor,
-                b_q: Optional[torch.Tensor], b_k: Optional[torch.Tensor], b_v: Optional[torch.Tensor],
-                collector: Any):
+    def forward(
+        ctx: Any,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        w_q: torch.Tensor,
+        w_k: torch.Tensor,
+        w_v: torch.Tensor,
+        b_q: Optional[torch.Tensor],
+        b_k: Optional[torch.Tensor],
+        b_v: Optional[torch.Tensor],
+        collector: Any,
+    ):
         ctx.save_for_backward(query, key, value, w_q, w_k, w_v)
         ctx.collector = collector
         return F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)

@@ -7,6 +7,7 @@ and, instead of weight and bias gradients, hands (x, G) to the layer's collector
 the per-example squared norms (``functional.conv_sq_norms``) and keeps (x, G) for the clipped
 sum at step time. The batch is always dimension 0.
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional, Tuple
@@ -44,7 +45,16 @@ class DPConvFunction(torch.autograd.Function):
         grad_input = None
         if ctx.needs_input_grad[0]:
             grad_input = torch.ops.aten.convolution_backward(
-                grad_output, x, weight.to(x.dtype), None, stride, padding, dilation, False, [0] * len(stride), groups,
+                grad_output,
+                x,
+                weight.to(x.dtype),
+                None,
+                stride,
+                padding,
+                dilation,
+                False,
+                [0] * len(stride),
+                groups,
                 [True, False, False],
             )[0]
         record(ctx.collector, "pair", x, grad_output)

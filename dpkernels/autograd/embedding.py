@@ -4,9 +4,11 @@ Forward is ``F.embedding``. Backward returns no weight gradient (nor one for the
 tokens): it hands (tokens, G) to the layer's collector, which records the per-example squared
 norms (``functional.embedding_sq_norms``) and keeps (tokens, G) for the clipped-sum pass at
 step time, or, for a table small next to the sequence (``choose_embedding_method``), the
-per-example gradients themselves (``functional.embedding_per_example_grads``). The recorded tensors are ``layout.batch_first`` views (the examples on dimension 0,
-the layout every kernel takes; ``dpkernels.engine.guard.ExampleLayout``).
+per-example gradients themselves (``functional.embedding_per_example_grads``). The recorded
+tensors are ``layout.batch_first`` views (the examples on dimension 0, the layout every kernel
+takes; ``dpkernels.engine.guard.ExampleLayout``).
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional
@@ -21,8 +23,14 @@ from ._record import record
 
 class DPEmbeddingFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, tokens: torch.Tensor, weight: torch.Tensor, collector: Any, layout: Any,
-                padding_idx: Optional[int] = None) -> torch.Tensor:
+    def forward(
+        ctx: Any,
+        tokens: torch.Tensor,
+        weight: torch.Tensor,
+        collector: Any,
+        layout: Any,
+        padding_idx: Optional[int] = None,
+    ) -> torch.Tensor:
         ctx.save_for_backward(tokens)
         ctx.collector = collector
         ctx.layout = layout
@@ -38,7 +46,8 @@ class DPEmbeddingFunction(torch.autograd.Function):
         V, p = ctx.table_shape
         if choose_embedding_method(B, tokens.numel() // max(B, 1), V, p) == "per_example":
             per_example = functional.embedding_per_example_grads(
-                tokens, grad_output, num_embeddings=V, padding_idx=ctx.padding_idx, check_ids=False)
+                tokens, grad_output, num_embeddings=V, padding_idx=ctx.padding_idx, check_ids=False
+            )
             record(ctx.collector, "per_example", per_example)
         else:
             record(ctx.collector, "rows", tokens, grad_output)

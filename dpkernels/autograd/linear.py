@@ -7,6 +7,7 @@ The weight and bias get no gradient from autograd: only the engine writes them, 
 The recorded tensors are ``layout.batch_first`` views (``dpkernels.engine.guard.ExampleLayout``):
 the examples on dimension 0, (B, *, d), the layout every kernel takes.
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional

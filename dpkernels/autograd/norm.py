@@ -6,6 +6,7 @@ bias gradients, hands the per-example affine gradients (small: (B, n) each, see
 ``dpkernels.ops.norm_affine_grads``) to the layer's collector. The parameters get no gradient
 from autograd: only the engine writes them, clipped.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,8 +32,16 @@ def _record(collector: Any, gw: Optional[torch.Tensor], gb: Optional[torch.Tenso
 
 class DPLayerNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                normalized_shape: Tuple[int, ...], eps: float, collector: Any, layout: Any) -> torch.Tensor:
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: Optional[torch.Tensor],
+        bias: Optional[torch.Tensor],
+        normalized_shape: Tuple[int, ...],
+        eps: float,
+        collector: Any,
+        layout: Any,
+    ) -> torch.Tensor:
         y, mean, rstd = torch.native_layer_norm(x, normalized_shape, weight, bias, eps)
         ctx.save_for_backward(x, weight, bias, mean, rstd)
         ctx.normalized_shape, ctx.eps, ctx.collector, ctx.layout = normalized_shape, eps, collector, layout
@@ -44,13 +53,18 @@ class DPLayerNormFunction(torch.autograd.Function):
         grad_input = None
         if ctx.needs_input_grad[0]:
             grad_input = torch.ops.aten.native_layer_norm_backward(
-                grad_output, x, ctx.normalized_shape, mean, rstd, weight, bias, [True, False, False])[0]
+                grad_output, x, ctx.normalized_shape, mean, rstd, weight, bias, [True, False, False]
+            )[0]
         bf = ctx.layout.batch_first
         gw, gb = functional.layer_norm_per_example_grads(
-            bf(x), bf(grad_output.to(x.dtype)),
-            ctx.normalized_shape, eps=ctx.eps,
-            weight=weight is not None and ctx.needs_input_grad[1], bias=bias is not None and ctx.needs_input_grad[2],
-            mean=bf(mean), rstd=bf(rstd),
+            bf(x),
+            bf(grad_output.to(x.dtype)),
+            ctx.normalized_shape,
+            eps=ctx.eps,
+            weight=weight is not None and ctx.needs_input_grad[1],
+            bias=bias is not None and ctx.needs_input_grad[2],
+            mean=bf(mean),
+            rstd=bf(rstd),
             backend=ctx.collector.step.backend,
         )
         _record(ctx.collector, gw, gb)
@@ -69,8 +83,15 @@ class DPRMSNormFunction(torch.autograd.Function):
     """y = x̂ ⊙ w with x̂ = x·ρ; grad_x = ρ·(ĝ − x̂·mean(ĝ ⊙ x̂)), ĝ = G ⊙ w (all in float32)."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, normalized_shape: Tuple[int, ...], eps: float,
-                collector: Any, layout: Any) -> torch.Tensor:
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        normalized_shape: Tuple[int, ...],
+        eps: float,
+        collector: Any,
+        layout: Any,
+    ) -> torch.Tensor:
         xhat, rstd = _rms_stats(x, normalized_shape, eps)
         ctx.save_for_backward(x, weight, rstd)
         ctx.normalized_shape, ctx.eps, ctx.collector, ctx.layout = normalized_shape, eps, collector, layout
@@ -88,7 +109,11 @@ class DPRMSNormFunction(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             bf = ctx.layout.batch_first
             gw = functional.rms_norm_per_example_grads(
-                bf(x), bf(grad_output.to(x.dtype)), ctx.normalized_shape, eps=ctx.eps, rstd=bf(rstd),
+                bf(x),
+                bf(grad_output.to(x.dtype)),
+                ctx.normalized_shape,
+                eps=ctx.eps,
+                rstd=bf(rstd),
                 backend=ctx.collector.step.backend,
             )
             _record(ctx.collector, gw, None)
@@ -99,8 +124,15 @@ class DPGroupNormFunction(torch.autograd.Function):
     """GroupNorm over (B, C, *): the batch is always dimension 0 (the statistics are per example)."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                num_groups: int, eps: float, collector: Any) -> torch.Tensor:
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: Optional[torch.Tensor],
+        bias: Optional[torch.Tensor],
+        num_groups: int,
+        eps: float,
+        collector: Any,
+    ) -> torch.Tensor:
         B, C = x.shape[0], x.shape[1]
         hw = math.prod(x.shape[2:])
         x = x.contiguous()
@@ -117,12 +149,18 @@ class DPGroupNormFunction(torch.autograd.Function):
         grad_input = None
         if ctx.needs_input_grad[0]:
             grad_input = torch.ops.aten.native_group_norm_backward(
-                grad_output, x, mean, rstd, weight, B, C, math.prod(x.shape[2:]), ctx.num_groups,
-                [True, False, False])[0]
+                grad_output, x, mean, rstd, weight, B, C, math.prod(x.shape[2:]), ctx.num_groups, [True, False, False]
+            )[0]
         gw, gb = functional.group_norm_per_example_grads(
-            x, grad_output, ctx.num_groups, eps=ctx.eps,
-            weight=weight is not None and ctx.needs_input_grad[1], bias=bias is not None and ctx.needs_input_grad[2],
-            mean=mean, rstd=rstd, backend=ctx.collector.step.backend,
+            x,
+            grad_output,
+            ctx.num_groups,
+            eps=ctx.eps,
+            weight=weight is not None and ctx.needs_input_grad[1],
+            bias=bias is not None and ctx.needs_input_grad[2],
+            mean=mean,
+            rstd=rstd,
+            backend=ctx.collector.step.backend,
         )
         _record(ctx.collector, gw, gb)
         return grad_input, None, None, None, None, None

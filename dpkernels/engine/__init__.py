@@ -1,4 +1,5 @@
 """Clipping, noise and step orchestration."""
+
 from .clipping import flat_clip_factors
 from .make_private import make_private
 from .optimizer import DPOptimizer

@@ -14,6 +14,7 @@ A single ``max_grad_norm`` C is split evenly, C_k = C / √K over K groups; a se
 C_k themselves. Per-layer clipping needs nothing but the layer's own norm, so the engine clips
 each layer inside its backward and keeps no (x, G) until the step.
 """
+
 from __future__ import annotations
 
 import math
@@ -80,7 +81,7 @@ def _merge_ties(member_lists: List[List[str]], ties: Sequence[Sequence[str]]) ->
                     if k == old:
                         group[m] = target
     merged: Dict[int, List[str]] = {}
-    for k, members in enumerate(member_lists):
+    for members in member_lists:
         for n in members:
             merged.setdefault(group[n], []).append(n)
     return [merged[k] for k in sorted(merged)]

@@ -8,6 +8,7 @@ payload until ``DPOptimizer.step`` turns everything into clipped, noised gradien
 per-layer clipping the optimizer's ``sink`` clips each layer as soon as it is recorded and frees
 its payload.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Dict, Optional
@@ -40,8 +41,9 @@ class ModuleCollector:
         self.name = name
         self.site_id = register_site(self)
 
-    def record(self, payload: Any, *norm_inputs: torch.Tensor,
-               keep: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> None:
+    def record(
+        self, payload: Any, *norm_inputs: torch.Tensor, keep: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    ) -> None:
         """The layer's per-example squared norms from ``norm_inputs``, and its ``payload`` kept for the
         step. ``keep``: applied to every tensor of a payload that outlives this call (a compiled
         backward's buffers are copied: the compiler may reuse them once the call returns)."""
@@ -61,7 +63,11 @@ class StepCollector:
     """Per-step state shared by all DP modules of one model."""
 
     def __init__(
-        self, module_names: Dict[nn.Module, str], norm_method: str, backend: Optional[str], batch_first: bool = True,
+        self,
+        module_names: Dict[nn.Module, str],
+        norm_method: str,
+        backend: Optional[str],
+        batch_first: bool = True,
         guard: Optional[ExampleGuard] = None,
     ) -> None:
         self.norm_method = norm_method

@@ -38,6 +38,7 @@ inside backward, which is deferred to the step on a rank of several so that no r
 others waiting in a collective) makes every rank refuse the step instead of hanging in the sum or
 updating without that rank's examples.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -153,8 +154,15 @@ class RankGroup:
                 t.copy_(staged)
 
     # ---- the reduction of a step -------------------------------------------------------
-    def deliver(self, name: str, param: nn.Parameter, local_sum: Optional[torch.Tensor], key_of: KeyOf,
-                noise_std: float, backend: Optional[str]) -> None:
+    def deliver(
+        self,
+        name: str,
+        param: nn.Parameter,
+        local_sum: Optional[torch.Tensor],
+        key_of: KeyOf,
+        noise_std: float,
+        backend: Optional[str],
+    ) -> None:
         """This rank's clipped sum of ``param`` for the step (None: no example of this rank touched it).
 
         One process: it holds the noise already (the fused kernels drew it) and becomes the gradient.
@@ -181,8 +189,14 @@ class RankGroup:
             if noise_std != 0.0 and stop > start:
                 flat = g.view(-1)
                 flat[start:stop] += functional.gaussian_noise(
-                    (stop - start,), std=noise_std, generator=key_of(param, name), device=g.device,
-                    dtype=torch.float32, backend=backend, offset=start)
+                    (stop - start,),
+                    std=noise_std,
+                    generator=key_of(param, name),
+                    device=g.device,
+                    dtype=torch.float32,
+                    backend=backend,
+                    offset=start,
+                )
         self.sum_([g for _, _, g in pending])
         for _, param, g in pending:
             param.grad = g.to(param.dtype)
@@ -203,7 +217,7 @@ class RankGroup:
             flat = staged.to(flat.device)
             offset = 0
             for t in group:
-                t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                t.copy_(flat[offset : offset + t.numel()].view_as(t))
                 offset += t.numel()
 
     def end_step(self) -> None:

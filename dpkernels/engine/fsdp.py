@@ -49,6 +49,7 @@ DTensor parameters FSDP2 does not manage, layers converted after ``fully_shard``
 into the old modules), and at each step any setting above changed or an unsharded gradient that
 FSDP2 did not reduce.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -96,9 +97,18 @@ def refuse_fsdp1(model: nn.Module) -> None:
 
 # FSDP2 internals this module reads or sets (torch 2.13); checked at make_private so that another
 # torch release fails there, by name, rather than in the middle of a step
-_PARAM_GROUP_ATTRS = ("fsdp_params", "gradient_divide_factor", "force_sum_reduction_for_comms", "reduce_grads",
-                      "all_reduce_grads", "post_forward_mesh_info", "reshard_after_backward", "_post_forward_indices",
-                      "_training_state", "comm_ctx")
+_PARAM_GROUP_ATTRS = (
+    "fsdp_params",
+    "gradient_divide_factor",
+    "force_sum_reduction_for_comms",
+    "reduce_grads",
+    "all_reduce_grads",
+    "post_forward_mesh_info",
+    "reshard_after_backward",
+    "_post_forward_indices",
+    "_training_state",
+    "comm_ctx",
+)
 _FSDP_PARAM_ATTRS = ("sharded_param", "mesh_info", "fsdp_placement", "unsharded_accumulated_grad")
 _MODULE_METHODS = ("set_gradient_divide_factor", "set_force_sum_reduction_for_comms", "unshard", "reshard")
 
@@ -141,8 +151,11 @@ def check_not_replaced(model: nn.Module, units: Sequence[nn.Module], before: Dic
     the gathered parameters into the module it was given, which is no longer the model's."""
     names = {id(m): n or "<root>" for n, m in model.named_modules()}
     now = {id(m): m for m in model.modules()}
-    replaced = sorted(f"'{n}' ({type(now[i]).__name__})" for i, n in names.items()
-                      if i not in before and any(now[i] in set(u.modules()) for u in units))
+    replaced = sorted(
+        f"'{n}' ({type(now[i]).__name__})"
+        for i, n in names.items()
+        if i not in before and any(now[i] in set(u.modules()) for u in units)
+    )
     lost = [u for u in units if id(u) not in now]
     if replaced or lost:
         what = ", ".join(replaced) if replaced else ", ".join(type(u).__name__ for u in lost)
@@ -199,8 +212,9 @@ class _Unit:
 class FSDPSharding:
     """The FSDP2 side of a ``RankGroup``: which parameters are sharded, and their reduction and noise."""
 
-    def __init__(self, model: nn.Module, units: Sequence[nn.Module], dp_params: Dict[int, str],
-                 clips_in_backward: bool) -> None:
+    def __init__(
+        self, model: nn.Module, units: Sequence[nn.Module], dp_params: Dict[int, str], clips_in_backward: bool
+    ) -> None:
         from torch.distributed.tensor import DTensor
 
         require_fsdp_internals(units)
@@ -328,6 +342,7 @@ class FSDPSharding:
         """Before the first training forward of a logical step, drop the shards' .grad of the step before:
         FSDP2's reduce-scatter adds into an existing .grad, and no rank may carry a finished step into
         this one (cleared before any backward, so nothing of this step is lost)."""
+
         def before_forward(module: nn.Module, args: tuple) -> None:
             if self._stale and torch.is_grad_enabled():
                 self._stale = False
@@ -336,8 +351,11 @@ class FSDPSharding:
 
         self._step_handle = model.register_forward_pre_hook(before_forward, prepend=True)
 
-    def guard_unsharded(self, dp_modules: Sequence[Tuple[str, nn.Module]],
-                        hook_for: Callable[[str], Callable[[Optional[torch.Tensor]], None]]) -> None:
+    def guard_unsharded(
+        self,
+        dp_modules: Sequence[Tuple[str, nn.Module]],
+        hook_for: Callable[[str], Callable[[Optional[torch.Tensor]], None]],
+    ) -> None:
         """Refuse any autograd gradient reaching an unsharded DP parameter (it would be reduced unclipped):
         the hook ``hook_for(name)`` on every unsharded tensor, set when a DP layer first runs with it."""
         hooked: Dict[int, torch.Tensor] = {}
@@ -348,8 +366,11 @@ class FSDPSharding:
                     hooked[id(t)] = t
                     t.register_hook(hook_for(name))
 
-        self._hook_handles = [m.register_forward_pre_hook(before_forward) for _, m in dp_modules
-                              if any(id(self.canonical(p)) in self._fsdp_param for p in m.parameters(recurse=False))]
+        self._hook_handles = [
+            m.register_forward_pre_hook(before_forward)
+            for _, m in dp_modules
+            if any(id(self.canonical(p)) in self._fsdp_param for p in m.parameters(recurse=False))
+        ]
 
     # ---- checks ------------------------------------------------------------------------
     def preflight(self, pending_modules: Sequence[nn.Module]) -> None:
@@ -381,8 +402,12 @@ class FSDPSharding:
                 "(set_requires_gradient_sync(False)); no update was made"
             )
         if self.clips_in_backward:
-            stuck = [f"'{self._names[id(p)]}'" for m in pending_modules for p in m.parameters(recurse=False)
-                     if id(self.canonical(p)) in self._fsdp_param]
+            stuck = [
+                f"'{self._names[id(p)]}'"
+                for m in pending_modules
+                for p in m.parameters(recurse=False)
+                if id(self.canonical(p)) in self._fsdp_param
+            ]
             if stuck:
                 raise RuntimeError(
                     f"parameters {', '.join(stuck)} are shared by layers that did not all run in this backward, so "
@@ -410,8 +435,15 @@ class FSDPSharding:
         return rest
 
     # ---- the step's reduction ----------------------------------------------------------
-    def deliver(self, name: str, param: nn.Parameter, local_sum: Optional[torch.Tensor], key_of: KeyOf,
-                noise_std: float, backend: Optional[str]) -> None:
+    def deliver(
+        self,
+        name: str,
+        param: nn.Parameter,
+        local_sum: Optional[torch.Tensor],
+        key_of: KeyOf,
+        noise_std: float,
+        backend: Optional[str],
+    ) -> None:
         if self.clips_in_backward:
             if local_sum is not None:
                 raise RuntimeError(f"internal: a clipped sum of '{name}' at the step under per-layer FSDP2 clipping")
@@ -445,8 +477,8 @@ class FSDPSharding:
         for (_, _, g), s in zip(items, shards):
             if g is not None:  # rank r's chunk of the parameter (zero-padded past d₀) into row r of ``send``
                 padded = torch.zeros(self.world_size * s.chunk_numel, dtype=torch.float32, device=device)
-                padded[:s.rows_total * s.row_numel] = g.reshape(-1)
-                send[:, col:col + s.chunk_numel] = padded.view(self.world_size, s.chunk_numel)
+                padded[: s.rows_total * s.row_numel] = g.reshape(-1)
+                send[:, col : col + s.chunk_numel] = padded.view(self.world_size, s.chunk_numel)
             col += s.chunk_numel
         items = [(name, p) for name, p, _ in items]  # free the unsharded sums
         gloo = dist.get_backend(self.group) == "gloo"
@@ -457,12 +489,19 @@ class FSDPSharding:
         received = received.to(device)
         col = 0
         for (name, p), s in zip(items, shards):
-            local = received[col:col + s.numel].view(s.rows, *p.shape[1:])
+            local = received[col : col + s.numel].view(s.rows, *p.shape[1:])
             self._noise_shard(name, p, local, key_of, noise_std, backend)
             col += s.chunk_numel
 
-    def _noise_shard(self, name: str, param: nn.Parameter, local: Optional[torch.Tensor], key_of: KeyOf,
-                     noise_std: float, backend: Optional[str]) -> None:
+    def _noise_shard(
+        self,
+        name: str,
+        param: nn.Parameter,
+        local: Optional[torch.Tensor],
+        key_of: KeyOf,
+        noise_std: float,
+        backend: Optional[str],
+    ) -> None:
         """param.grad = (its reduced shard ``local``, zeros if None) + σC/B̄·z over the shard's elements."""
         from torch.distributed.tensor import DTensor
 
@@ -471,11 +510,23 @@ class FSDPSharding:
         device = param.to_local().device
         out = torch.zeros(shape, dtype=torch.float32, device=device) if local is None else local.float().clone()
         if noise_std != 0.0 and s.numel:
-            out += functional.gaussian_noise(shape, std=noise_std, generator=key_of(param, name), device=device,
-                                             dtype=torch.float32, backend=backend, offset=s.flat_offset)
-        param.grad = DTensor.from_local(out.to(param.dtype), device_mesh=param.device_mesh,
-                                        placements=param.placements, run_check=False, shape=param.shape,
-                                        stride=param.stride())
+            out += functional.gaussian_noise(
+                shape,
+                std=noise_std,
+                generator=key_of(param, name),
+                device=device,
+                dtype=torch.float32,
+                backend=backend,
+                offset=s.flat_offset,
+            )
+        param.grad = DTensor.from_local(
+            out.to(param.dtype),
+            device_mesh=param.device_mesh,
+            placements=param.placements,
+            run_check=False,
+            shape=param.shape,
+            stride=param.stride(),
+        )
 
     # ---- the end of a step -------------------------------------------------------------
     def end_step(self) -> None:

@@ -12,6 +12,7 @@ forward is in progress) with FSDP2's settings and per-iteration bookkeeping (the
 backward prefetching follows, its training states) restored. The cost: once, the unsharded
 parameters of the whole model on every rank, and one all-reduce of an int per training forward.
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Sequence
@@ -78,8 +79,18 @@ class ProbeBracket:
         contexts = {id(st._state_ctx): st._state_ctx for st in states}
         comms = {id(pg.comm_ctx): pg.comm_ctx for pg in groups if hasattr(pg.comm_ctx, "post_forward_order")}
         self._saved = {
-            "groups": [(pg, pg.post_forward_mesh_info, pg.reshard_after_backward, pg.reduce_grads,
-                        pg.all_reduce_grads, list(pg._post_forward_indices), pg._training_state) for pg in groups],
+            "groups": [
+                (
+                    pg,
+                    pg.post_forward_mesh_info,
+                    pg.reshard_after_backward,
+                    pg.reduce_grads,
+                    pg.all_reduce_grads,
+                    list(pg._post_forward_indices),
+                    pg._training_state,
+                )
+                for pg in groups
+            ],
             "states": [(st, st._training_state) for st in states],
             "roots": [(ctx, ctx.iter_forward_root) for ctx in contexts.values()],
             "orders": [(comm, list(comm.post_forward_order)) for comm in comms.values()],

@@ -38,6 +38,7 @@ positions the "examples"; the probe refuses that for any model that mixes positi
 convolution, recurrence), but a model that treats every position independently would be
 accepted, so ``batch_first`` must describe the input.
 """
+
 from __future__ import annotations
 
 import sys
@@ -177,8 +178,13 @@ class ExampleGuard:
     def _pre_hook_eager(self, args: tuple, kwargs: dict) -> None:
         if not self._enter(args, kwargs, exception_at_entry=sys.exc_info()[1]):
             return None
-        if (torch.is_grad_enabled() and not self.probe_complete and not self._meta
-                and self.batch_size is not None and self.batch_size >= 2):
+        if (
+            torch.is_grad_enabled()
+            and not self.probe_complete
+            and not self._meta
+            and self.batch_size is not None
+            and self.batch_size >= 2
+        ):
             from .probe import run_probe
 
             run_probe(self, args, kwargs)
@@ -210,8 +216,9 @@ class ExampleGuard:
         return None
 
     # ---- each DP layer's rows ------------------------------------------------------------
-    def admit(self, layer: nn.Module, inputs: Sequence[torch.Tensor], batch_dim: int,
-              declared: str = "batch") -> Tuple[List[torch.Tensor], List[ExampleLayout]]:
+    def admit(
+        self, layer: nn.Module, inputs: Sequence[torch.Tensor], batch_dim: int, declared: str = "batch"
+    ) -> Tuple[List[torch.Tensor], List[ExampleLayout]]:
         """Check where the examples of ``layer``'s ``inputs`` are (see the module docstring); return the
         inputs (a broadcast one expanded to B rows) and their layouts. Raises, naming the layer."""
         name = self.names.get(layer, type(layer).__name__)
@@ -247,7 +254,7 @@ class ExampleGuard:
                 layout = ExampleLayout("batch", batch_dim, B)
             elif N == 1:
                 layout = ExampleLayout("broadcast", batch_dim, B)
-                t = t.expand(*t.shape[:batch_dim], B, *t.shape[batch_dim + 1:])
+                t = t.expand(*t.shape[:batch_dim], B, *t.shape[batch_dim + 1 :])
             else:
                 raise ValueError(self._refusal(name, layer, t, batch_dim, B, declared))
             out.append(t)

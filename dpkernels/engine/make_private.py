@@ -1,4 +1,5 @@
 """make_private: turn (model, optimizer) into a DP-SGD pair with flat clipping, one backward."""
+
 from __future__ import annotations
 
 import math
@@ -8,19 +9,19 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
+from ..nn import fallback as _fallback
 from ..nn import registry
 from ..nn.convert import convert
-from ..nn import fallback as _fallback
 from ..nn.module import DPModule
 from ..ops.linear_sq_norms import METHODS
-from .clipping import make_plan
 from . import fsdp as _fsdp
-from .fsdp_probe import ProbeBracket
+from .clipping import make_plan
 from .collector import StepCollector
 from .distributed import RankGroup
+from .fsdp_probe import ProbeBracket
 from .guard import ExampleGuard
-from .ties import TieSet
 from .optimizer import LOSS_REDUCTIONS, DPOptimizer
+from .ties import TieSet
 
 _BATCHNORM = (nn.modules.batchnorm._BatchNorm,)
 
@@ -59,7 +60,9 @@ def _check_model(model: nn.Module) -> List[Tuple[str, nn.Module]]:
                 raise RuntimeError(f"module '{name}' is already attached to a private optimizer")
             reason = module.dp_unsupported_reason() if own else None
             if reason is not None:
-                problems.append(f"{type(module).__name__} '{name or '<root>'}' ({', '.join(n for n, _ in own)}): {reason}")
+                problems.append(
+                    f"{type(module).__name__} '{name or '<root>'}' ({', '.join(n for n, _ in own)}): {reason}"
+                )
             dp_modules.append((name, module))
         elif own:
             problems.append(_unsupported_message(name, module, [n for n, _ in own]))
@@ -69,7 +72,9 @@ def _check_model(model: nn.Module) -> List[Tuple[str, nn.Module]]:
                 "through its batch statistics, even frozen; put it in eval() mode or replace it"
             )
     if problems:
-        raise ValueError("make_private cannot clip every trainable parameter of this model:\n  - " + "\n  - ".join(problems))
+        raise ValueError(
+            "make_private cannot clip every trainable parameter of this model:\n  - " + "\n  - ".join(problems)
+        )
     if not any(p.requires_grad for _, m in dp_modules for p in m.parameters(recurse=False)):
         raise ValueError("make_private: the model has no trainable parameter")
     return dp_modules
@@ -93,7 +98,7 @@ def _check_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, dp_para
 
 def _check_ties(ties: TieSet, modules: Dict[str, nn.Module]) -> None:
     """Refuse a parameter shared by layers that cannot describe their use of it (``DPModule.dp_use``)."""
-    for pid, layer_uses in ties.uses.items():
+    for layer_uses in ties.uses.values():
         unable = [layer for layer, _ in layer_uses if type(modules[layer]).dp_use is DPModule.dp_use]
         if unable:
             names = ", ".join(f"'{layer}.{n}'" if layer else n for layer, n in layer_uses)
@@ -116,7 +121,9 @@ def _guard_param(name: str) -> Any:
     return hook
 
 
-def _validate_numbers(noise_multiplier: float, max_grad_norm: Any, expected_batch_size: int, loss_reduction: str) -> None:
+def _validate_numbers(
+    noise_multiplier: float, max_grad_norm: Any, expected_batch_size: int, loss_reduction: str
+) -> None:
     if not (isinstance(noise_multiplier, (int, float)) and math.isfinite(noise_multiplier) and noise_multiplier >= 0):
         raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}")
     thresholds = list(max_grad_norm) if isinstance(max_grad_norm, (list, tuple)) else [max_grad_norm]
@@ -281,8 +288,7 @@ def make_private(
     guard.attach(model, {m: n for n, m in dp_modules if any(p.requires_grad for p in m.parameters(recurse=False))})
     if bracket is not None:
         bracket.attach_after_guard()
-    collector = StepCollector({m: n for n, m in dp_modules}, norm_method, backend, batch_first=batch_first,
-                              guard=guard)
+    collector = StepCollector({m: n for n, m in dp_modules}, norm_method, backend, batch_first=batch_first, guard=guard)
     if ranks.distributed:  # a compiled backward refuses to record (autograd/_record.py)
         collector.compile_refusal = (
             "torch.compile of a model made private across processes (distributed=True, DDP or FSDP2) is not "

@@ -27,6 +27,7 @@ Noise is drawn from the Philox counter (seed, step, stream = parameter index): n
 elements of any step share a draw, and a run is reproducible from its seed. The seed is
 never written into ``state_dict`` (it would let a checkpoint's reader subtract the noise).
 """
+
 from __future__ import annotations
 
 import math
@@ -204,8 +205,7 @@ class DPOptimizer(torch.optim.Optimizer):
         # canonical: under FSDP2 a module holds its unsharded parameters during forward and backward
         found = self._trainable_memo.get(id(module))
         if found is None:
-            found = [(n, self.ranks.canonical(p)) for n, p in module.named_parameters(recurse=False)
-                     if p.requires_grad]
+            found = [(n, self.ranks.canonical(p)) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
             self._trainable_memo[id(module)] = found
         return found
 
@@ -223,7 +223,8 @@ class DPOptimizer(torch.optim.Optimizer):
             raise ValueError(
                 f"the DP layers saw {B} examples in one step but expected_batch_size is {self.expected_batch_size} "
                 f"(at most {self.max_plausible_batch_size()} is plausible): either the layers see the batch on another "
-                f"dimension than the one make_private assumes (batch_first={self.collector.batch_first}, inputs {layout}; "
+                "dimension than the one make_private assumes "
+                f"(batch_first={self.collector.batch_first}, inputs {layout}; "
                 "a sequence-first model needs batch_first=False), or expected_batch_size is wrong. Clipping per "
                 "position instead of per example would not be private; no update was made"
             )
@@ -272,14 +273,21 @@ class DPOptimizer(torch.optim.Optimizer):
                     "the loss or activations produced NaN/Inf; no update was made"
                 )
 
-    def _clipped_sum(self, module: nn.Module, record: LayerRecord, factors: Dict[int, torch.Tensor],
-                     noise_std: float, out_dtype: Optional[torch.dtype]) -> Dict[str, torch.Tensor]:
+    def _clipped_sum(
+        self,
+        module: nn.Module,
+        record: LayerRecord,
+        factors: Dict[int, torch.Tensor],
+        noise_std: float,
+        out_dtype: Optional[torch.dtype],
+    ) -> Dict[str, torch.Tensor]:
         """The module's Σ_i c_i s g_i / B̄ (+ noise) from its record, whose (x, G) it then frees."""
         params = self._trainable(module)
         keys = {n: self._key(p, self._qualified(module, n)) for n, p in params}
         group = self.clipping.group_of[self._name_of(module)]
-        grads = module.dp_clipped_grads(record.payload, factors[group], noise_std, keys, self.backend,
-                                        out_dtype=out_dtype)
+        grads = module.dp_clipped_grads(
+            record.payload, factors[group], noise_std, keys, self.backend, out_dtype=out_dtype
+        )
         record.payload = None  # free this layer's (x, G) before the next layer's gradient exists
         return grads
 
@@ -371,9 +379,11 @@ class DPOptimizer(torch.optim.Optimizer):
                 if not params or record is None:
                     continue
                 alone = self.ranks.draws_noise and not any(
-                    self.ties.is_tied(p) or id(p) in self._accumulated for _, p in params)
-                grads = self._clipped_sum(module, record, factors, self._local_noise_std if alone else 0.0,
-                                          None if alone else torch.float32)
+                    self.ties.is_tied(p) or id(p) in self._accumulated for _, p in params
+                )
+                grads = self._clipped_sum(
+                    module, record, factors, self._local_noise_std if alone else 0.0, None if alone else torch.float32
+                )
                 for n, p in params:
                     sums[id(p)] = grads[n] if id(p) not in sums else sums[id(p)].add_(grads[n])
                     if alone:
@@ -391,8 +401,9 @@ class DPOptimizer(torch.optim.Optimizer):
         and, in one process, its noise, and deliver it."""
         running = self._accumulated.pop(id(p), None)
         if not noised and self.ranks.draws_noise:
-            noise = self._noise_like(p, self._key(p, name), torch.float32 if (g is not None or running is not None)
-                                     else None)
+            noise = self._noise_like(
+                p, self._key(p, name), torch.float32 if (g is not None or running is not None) else None
+            )
             g = noise if g is None else g.add_(noise)
         if running is not None:
             g = running if g is None else running.add_(g)
@@ -458,7 +469,11 @@ class DPOptimizer(torch.optim.Optimizer):
 
     def _noise_like(self, p: torch.Tensor, key: PhiloxKey, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         return functional.gaussian_noise(
-            p.shape, std=self._local_noise_std, generator=key, device=p.device, dtype=dtype or p.dtype,
+            p.shape,
+            std=self._local_noise_std,
+            generator=key,
+            device=p.device,
+            dtype=dtype or p.dtype,
             backend=self.backend,
         )
 

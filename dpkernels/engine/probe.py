@@ -35,6 +35,7 @@ tries again re-indexing only the first tensor argument, and the layers pass if e
 If every example of the batch is the same, the structural checks still run but nothing can
 show that examples are not mixed: the probe runs again on the next batch.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -164,12 +165,18 @@ def _probe_conditions(model: nn.Module, guard: ExampleGuard) -> Iterator[None]:
     place (``model.compile()``) runs its probe calls uncompiled."""
     modes = [(m, m.training) for m in model.modules()]
     devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
-    eager = torch.compiler.set_stance("force_eager") if hasattr(torch.compiler, "set_stance") else contextlib.nullcontext()
+    eager = (
+        torch.compiler.set_stance("force_eager") if hasattr(torch.compiler, "set_stance") else contextlib.nullcontext()
+    )
     try:
         for m, _ in modes:
             m.training = False
-        with torch.random.fork_rng(devices=devices), torch.enable_grad(), \
-                torch.autograd.graph.saved_tensors_hooks(_keep, _keep), eager:
+        with (
+            torch.random.fork_rng(devices=devices),
+            torch.enable_grad(),
+            torch.autograd.graph.saved_tensors_hooks(_keep, _keep),
+            eager,
+        ):
             yield
     finally:
         for m, was in modes:
@@ -244,8 +251,14 @@ def _batch_outputs(output: Any, B: int, batch_first: bool, fp: _Fingerprints) ->
     return rows
 
 
-def _follows(trace1: ProbeTrace, trace2: ProbeTrace, out1: List[torch.Tensor], out2: List[torch.Tensor],
-             pi: torch.Tensor, names: Dict[nn.Module, str]) -> List[str]:
+def _follows(
+    trace1: ProbeTrace,
+    trace2: ProbeTrace,
+    out1: List[torch.Tensor],
+    out2: List[torch.Tensor],
+    pi: torch.Tensor,
+    names: Dict[nn.Module, str],
+) -> List[str]:
     """Failures of F2[i] = F1[π(i)], one line each (empty when every row follows the examples)."""
     problems: List[str] = []
     if [c[0] for c in trace1.calls] != [c[0] for c in trace2.calls]:
@@ -273,34 +286,48 @@ def _follows(trace1: ProbeTrace, trace2: ProbeTrace, out1: List[torch.Tensor], o
     return problems
 
 
-def _gradient_flow(io1: _LayerIO, trace1: ProbeTrace, out1: Any, B: int, batch_first: bool,
-                   names: Dict[nn.Module, str]) -> List[str]:
+def _gradient_flow(
+    io1: _LayerIO, trace1: ProbeTrace, out1: Any, B: int, batch_first: bool, names: Dict[nn.Module, str]
+) -> List[str]:
     """Failures of "example k's outputs send gradient to row k of every DP layer, and to no other row",
     for k = 0 and k = B − 1 (one backward each, to the DP layers' outputs; nothing is recorded).
 
     This is what the forward checks cannot see for a broadcast input: its B expanded rows are equal,
     so a model that went on to use one row for every example (``pos[0]``) would look the same forward,
     while row 0 would carry every example's gradient."""
-    leaves = [t for t in tensor_leaves(out1) if t.dim() >= 1 and t.is_floating_point() and t.requires_grad
-              and t.shape[batch_dim_of_input(t, batch_first)] == B]
+    leaves = [
+        t
+        for t in tensor_leaves(out1)
+        if t.dim() >= 1
+        and t.is_floating_point()
+        and t.requires_grad
+        and t.shape[batch_dim_of_input(t, batch_first)] == B
+    ]
     outs = [(m, n, t) for m, n, t in io1.outputs if (m, n) in trace1.layouts]
     if not outs:
         return []
     if not leaves:
         shared = [names.get(m, type(m).__name__) for (m, _), lay in trace1.layouts.items() if lay.kind == "broadcast"]
         if shared:
-            return [f"DP layers {', '.join(sorted(set(shared)))} take an input shared by every example (expanded "
-                    "to the batch), and the model returns no per-example output through which the probe could "
-                    "check that each example's gradient reaches only its own row: return per-example outputs "
-                    "(e.g. logits) as well, or freeze those layers"]
+            return [
+                f"DP layers {', '.join(sorted(set(shared)))} take an input shared by every example (expanded "
+                "to the batch), and the model returns no per-example output through which the probe could "
+                "check that each example's gradient reaches only its own row: return per-example outputs "
+                "(e.g. logits) as well, or freeze those layers"
+            ]
         return []
     problems: List[str] = []
     g = torch.Generator().manual_seed(B)
-    weights = [torch.randn(t.movedim(batch_dim_of_input(t, batch_first), 0)[0].shape, generator=g,
-                           dtype=torch.float64).to(t.device) for t in leaves]
+    weights = [
+        torch.randn(t.movedim(batch_dim_of_input(t, batch_first), 0)[0].shape, generator=g, dtype=torch.float64).to(
+            t.device
+        )
+        for t in leaves
+    ]
     for k in sorted({0, B - 1}):
-        scalar = sum((t.movedim(batch_dim_of_input(t, batch_first), 0)[k].double() * w).sum()
-                     for t, w in zip(leaves, weights))
+        scalar = sum(
+            (t.movedim(batch_dim_of_input(t, batch_first), 0)[k].double() * w).sum() for t, w in zip(leaves, weights)
+        )
         grads = torch.autograd.grad(scalar, [t for _, _, t in outs], retain_graph=True, allow_unused=True)
         for (m, n, _), grad in zip(outs, grads):
             if grad is None:
@@ -318,8 +345,9 @@ def _gradient_flow(io1: _LayerIO, trace1: ProbeTrace, out1: Any, B: int, batch_f
     return problems
 
 
-def _same_model(io0: _LayerIO, io1: _LayerIO, out0: Any, out1: Any, fp: _Fingerprints,
-                names: Dict[nn.Module, str]) -> List[str]:
+def _same_model(
+    io0: _LayerIO, io1: _LayerIO, out0: Any, out1: Any, fp: _Fingerprints, names: Dict[nn.Module, str]
+) -> List[str]:
     """Failures of F1 = F0: the DP model's outputs against the original's, and the first DP layer to blame."""
     problems = []
     for k, (a, b) in enumerate(zip(tensor_leaves(out0), tensor_leaves(out1))):
@@ -359,11 +387,15 @@ def _blame(io0: _LayerIO, io1: _LayerIO, names: Dict[nn.Module, str]) -> List[st
             return True
 
         if agree(in0, in1) and not agree(o0, o1):
-            return [f"DP layer '{names.get(m1, type(m1).__name__)}' ({type(m1).__name__}) computes something other "
-                    "than the layer it replaced (same input, different output): its DP version does not fit this "
-                    "layer class"]
-    return ["no single DP layer differs from its original: the change comes from the model's own code around a "
-            "DP layer whose input was expanded from 1 to B rows (a broadcast the model does not treat as one)"]
+            return [
+                f"DP layer '{names.get(m1, type(m1).__name__)}' ({type(m1).__name__}) computes something other "
+                "than the layer it replaced (same input, different output): its DP version does not fit this "
+                "layer class"
+            ]
+    return [
+        "no single DP layer differs from its original: the change comes from the model's own code around a "
+        "DP layer whose input was expanded from 1 to B rows (a broadcast the model does not treat as one)"
+    ]
 
 
 def run_probe(guard: ExampleGuard, args: tuple, kwargs: dict) -> None:

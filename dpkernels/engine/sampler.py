@@ -1,4 +1,5 @@
 """Poisson sampling of batches, as the privacy analysis of DP-SGD assumes."""
+
 from __future__ import annotations
 
 import secrets

@@ -11,6 +11,7 @@ drawn once, from P's own Philox stream (``DPOptimizer.write_private_grads``). A 
 part in a tie through ``dp_use(payload, name)``, which describes its use of parameter ``name``
 as one of the three forms below, in P's own orientation.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -70,17 +71,20 @@ def cross_term(a: Use, b: Use, backend: Optional[str]) -> torch.Tensor:
         a, b = b, a
     if isinstance(a, TokenUse):
         if isinstance(b, LinearUse):
-            return functional.embedding_linear_cross(a.tokens, a.g, b.x, b.g, padding_idx=a.padding_idx,
-                                                     backend=backend)
-        return functional.embedding_embedding_cross(a.tokens, a.g, b.tokens, b.g, num_embeddings=a.num_embeddings,
-                                                    padding_idx=a.padding_idx)
+            return functional.embedding_linear_cross(
+                a.tokens, a.g, b.x, b.g, padding_idx=a.padding_idx, backend=backend
+            )
+        return functional.embedding_embedding_cross(
+            a.tokens, a.g, b.tokens, b.g, num_embeddings=a.num_embeddings, padding_idx=a.padding_idx
+        )
     if isinstance(a, DenseUse):
         pe = a.per_example
         if isinstance(b, DenseUse):
             return tied_cross.dense_dense_cross_reference(pe, b.per_example)
         if isinstance(b, TokenUse):
-            return tied_cross.dense_token_cross_reference(pe, b.tokens.reshape(b.tokens.shape[0], -1),
-                                                          _rows(b.g), _pad(b))
+            return tied_cross.dense_token_cross_reference(
+                pe, b.tokens.reshape(b.tokens.shape[0], -1), _rows(b.g), _pad(b)
+            )
         return tied_cross.dense_linear_cross_reference(pe.reshape(pe.shape[0], pe.shape[1], -1), _rows(b.x), _rows(b.g))
     return functional.linear_linear_cross(a.x, a.g, b.x, b.g)
 
@@ -107,8 +111,7 @@ class TieSet:
         (whose clipping group the tie's layers share); uses absent from ``records`` add nothing."""
         out: Dict[str, torch.Tensor] = {}
         for uses in self.uses.values():
-            present = [(layer, name) for layer, name in uses
-                       if layer in records and records[layer].payload is not None]
+            present = [(layer, name) for layer, name in uses if layer in records and records[layer].payload is not None]
             if len(present) < 2:
                 continue
             forms = [records[layer].module.dp_use(records[layer].payload, name) for layer, name in present]

@@ -18,6 +18,7 @@ Backends
             a CUDA kernel run their Triton kernel under this choice.
 ``dpkernels.backends()`` reports what is available.
 """
+
 from __future__ import annotations
 
 from ..ops._backend import BACKENDS, backends, select_backend

@@ -1,5 +1,6 @@
 """Argument checks of the functional API, in one place: each public op checks its arguments here
 and views them in the layout its kernels take, so that the op itself is one dispatch call."""
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -24,8 +25,7 @@ def as_btd(x: torch.Tensor, grad_output: torch.Tensor) -> Tuple[torch.Tensor, to
         raise ValueError(f"x must have shape (B, d) or (B, *, d); got {tuple(x.shape)}")
     if grad_output.dim() != x.dim() or grad_output.shape[:-1] != x.shape[:-1]:
         raise ValueError(
-            f"x {tuple(x.shape)} and grad_output {tuple(grad_output.shape)} must agree in every "
-            "dimension but the last"
+            f"x {tuple(x.shape)} and grad_output {tuple(grad_output.shape)} must agree in every dimension but the last"
         )
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
@@ -96,10 +96,14 @@ def same_shape_pair(x: torch.Tensor, grad_output: torch.Tensor, what: str) -> No
     if not isinstance(x, torch.Tensor) or not isinstance(grad_output, torch.Tensor):
         raise TypeError("x and grad_output must be tensors")
     if x.shape != grad_output.shape:
-        raise ValueError(f"{what}: x {tuple(x.shape)} and grad_output {tuple(grad_output.shape)} must have the same shape")
+        raise ValueError(
+            f"{what}: x {tuple(x.shape)} and grad_output {tuple(grad_output.shape)} must have the same shape"
+        )
     if x.dtype not in FLOAT_DTYPES or grad_output.dtype != x.dtype:
-        raise TypeError(f"{what}: x and grad_output must share one dtype of float32, bfloat16, float16; got "
-                        f"{x.dtype} and {grad_output.dtype}")
+        raise TypeError(
+            f"{what}: x and grad_output must share one dtype of float32, bfloat16, float16; got "
+            f"{x.dtype} and {grad_output.dtype}"
+        )
     if x.device != grad_output.device:
         raise ValueError(f"x is on {x.device} but grad_output is on {grad_output.device}")
     if x.dim() < 2 or x.shape[0] == 0:
@@ -123,8 +127,10 @@ def both_or_neither(mean: Optional[torch.Tensor], rstd: Optional[torch.Tensor]) 
 
 def normalized_dims(x: torch.Tensor, normalized_shape) -> Tuple[int, ...]:
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
-    if not shape or tuple(x.shape[x.dim() - len(shape):]) != shape or x.dim() <= len(shape):
-        raise ValueError(f"x {tuple(x.shape)} must be (B, *, {', '.join(map(str, shape))}) for normalized_shape {shape}")
+    if not shape or tuple(x.shape[x.dim() - len(shape) :]) != shape or x.dim() <= len(shape):
+        raise ValueError(
+            f"x {tuple(x.shape)} must be (B, *, {', '.join(map(str, shape))}) for normalized_shape {shape}"
+        )
     return shape
 
 
@@ -138,7 +144,10 @@ def num_groups(num_groups: int, C: int) -> int:
 
 
 def as_tokens_bt(
-    tokens: torch.Tensor, grad_output: torch.Tensor, num_embeddings: int, padding_idx: Optional[int],
+    tokens: torch.Tensor,
+    grad_output: torch.Tensor,
+    num_embeddings: int,
+    padding_idx: Optional[int],
     check_ids: bool = True,
 ) -> Tuple[torch.Tensor, torch.Tensor, int]:
     """Check an embedding's (token ids, output gradient) pair; view them as (B, T) and (B, T, p).
@@ -194,8 +203,10 @@ def conv_geometry(
     n = geometry.spatial_dims
     layout = "(B, C_in, L)" if n == 1 else "(B, C_in, H, W)"
     if x.dim() != n + 2:
-        raise ValueError(f"x must have shape {layout} for a {n}-d convolution (weight_shape {tuple(weight_shape)}), "
-                         f"got {tuple(x.shape)}")
+        raise ValueError(
+            f"x must have shape {layout} for a {n}-d convolution (weight_shape {tuple(weight_shape)}), "
+            f"got {tuple(x.shape)}"
+        )
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
     if grad_output.dtype != x.dtype:
@@ -205,16 +216,22 @@ def conv_geometry(
     if x.shape[0] == 0:
         raise ValueError("empty batch: x has batch size 0")
     if x.shape[1] != geometry.in_channels:
-        raise ValueError(f"x has {x.shape[1]} channels but weight_shape {tuple(weight_shape)} with groups={groups} "
-                         f"needs {geometry.in_channels}")
+        raise ValueError(
+            f"x has {x.shape[1]} channels but weight_shape {tuple(weight_shape)} with groups={groups} "
+            f"needs {geometry.in_channels}"
+        )
     out = geometry.output_size(x.shape[2:])
     if min(out) < 1:
-        raise ValueError(f"x's spatial size {tuple(x.shape[2:])}, padded, is smaller than the dilated kernel: "
-                         "the convolution has no output")
+        raise ValueError(
+            f"x's spatial size {tuple(x.shape[2:])}, padded, is smaller than the dilated kernel: "
+            "the convolution has no output"
+        )
     expected = (x.shape[0], geometry.out_channels, *out)
     if tuple(grad_output.shape) != expected:
-        raise ValueError(f"grad_output {tuple(grad_output.shape)} does not match the convolution of x "
-                         f"{tuple(x.shape)}, which gives {expected}")
+        raise ValueError(
+            f"grad_output {tuple(grad_output.shape)} does not match the convolution of x "
+            f"{tuple(x.shape)}, which gives {expected}"
+        )
     return geometry
 
 

@@ -1,4 +1,5 @@
 """Types of the functional API's arguments."""
+
 from __future__ import annotations
 
 from typing import Union

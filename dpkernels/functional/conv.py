@@ -1,5 +1,6 @@
 """Conv1d/Conv2d: per-example squared norms and the clipped, noised gradients (math:
 ``dpkernels.ops.conv_patches``, ``dpkernels.ops.conv_sq_norms``, ``dpkernels.ops.conv_clipped_grad``)."""
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -73,5 +74,15 @@ def conv_clipped_grad(
     """
     geometry = _checks.conv_geometry(x, grad_output, weight_shape, stride, padding, dilation, groups, padding_mode)
     c = _checks.clip_factors(clip_factors, x.shape[0], x.device)
-    return _clipped.OP(x, grad_output, c, geometry.as_list(), geometry.padding_mode, _checks.noise_std(noise_std),
-                       resolve_key(generator), _checks.out_dtype(out_dtype), bias, backend=backend)
+    return _clipped.OP(
+        x,
+        grad_output,
+        c,
+        geometry.as_list(),
+        geometry.padding_mode,
+        _checks.noise_std(noise_std),
+        resolve_key(generator),
+        _checks.out_dtype(out_dtype),
+        bias,
+        backend=backend,
+    )

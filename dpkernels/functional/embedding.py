@@ -1,5 +1,6 @@
 """Embedding tables: per-example squared norms, small tables' per-example gradients, and the clipped,
 noised table gradient (math: ``dpkernels.ops.embedding_grads``)."""
+
 from __future__ import annotations
 
 from typing import Optional
@@ -75,5 +76,14 @@ def embedding_clipped_grad(
     """
     tok2, g3, pad = _checks.as_tokens_bt(tokens, grad_output, num_embeddings, padding_idx, check_ids)
     c = _checks.clip_factors(clip_factors, tok2.shape[0], g3.device)
-    return _emb.CLIPPED_GRAD(tok2, g3, c, num_embeddings, pad, _checks.noise_std(noise_std), resolve_key(generator),
-                             _checks.out_dtype(out_dtype), backend=backend)
+    return _emb.CLIPPED_GRAD(
+        tok2,
+        g3,
+        c,
+        num_embeddings,
+        pad,
+        _checks.noise_std(noise_std),
+        resolve_key(generator),
+        _checks.out_dtype(out_dtype),
+        backend=backend,
+    )

@@ -1,5 +1,6 @@
 """Linear layers: per-example squared norms and the clipped, noised gradient (math: ``dpkernels.ops.linear_sq_norms``,
 ``dpkernels.ops.linear_clipped_grad``)."""
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -56,5 +57,13 @@ def linear_clipped_grad(
     """
     x3, g3 = _checks.as_btd(x, grad_output)
     c = _checks.clip_factors(clip_factors, x3.shape[0], x3.device)
-    return _clipped.OP(x3, g3, c, _checks.noise_std(noise_std), resolve_key(generator), _checks.out_dtype(out_dtype),
-                       bias, backend=backend)
+    return _clipped.OP(
+        x3,
+        g3,
+        c,
+        _checks.noise_std(noise_std),
+        resolve_key(generator),
+        _checks.out_dtype(out_dtype),
+        bias,
+        backend=backend,
+    )

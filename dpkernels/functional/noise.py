@@ -1,5 +1,6 @@
 """Clip-sum-noise over materialised per-example gradients, and the noise alone (math:
 ``dpkernels.ops.clip_sum_noise``, ``dpkernels.ops.noise``)."""
+
 from __future__ import annotations
 
 from typing import Optional
@@ -57,5 +58,6 @@ def gaussian_noise(
     for s in shape:
         numel *= s
     offset = check_offset(offset, numel)
-    return _noise.OP(shape, _checks.noise_std(std), resolve_key(generator), offset, torch.device(device), dtype,
-                     backend=backend)
+    return _noise.OP(
+        shape, _checks.noise_std(std), resolve_key(generator), offset, torch.device(device), dtype, backend=backend
+    )

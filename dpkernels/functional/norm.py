@@ -1,4 +1,5 @@
 """Per-example affine gradients of LayerNorm, RMSNorm and GroupNorm (math: ``dpkernels.ops.norm_affine_grads``)."""
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """Cross terms of a parameter shared by several layers (math: ``dpkernels.ops.tied_cross``)."""
+
 from __future__ import annotations
 
 from typing import Optional
@@ -44,14 +45,21 @@ def linear_linear_cross(x1: torch.Tensor, grad1: torch.Tensor, x2: torch.Tensor,
     a, ga = _checks.as_btd(x1, grad1)
     b, gb = _checks.as_btd(x2, grad2)
     if a.shape[0] != b.shape[0] or a.shape[2] != b.shape[2] or ga.shape[2] != gb.shape[2]:
-        raise ValueError(f"the two uses do not share one weight: {tuple(ga.shape)}ᵀ{tuple(a.shape)} vs "
-                         f"{tuple(gb.shape)}ᵀ{tuple(b.shape)}")
+        raise ValueError(
+            f"the two uses do not share one weight: {tuple(ga.shape)}ᵀ{tuple(a.shape)} vs "
+            f"{tuple(gb.shape)}ᵀ{tuple(b.shape)}"
+        )
     return _tied.LINEAR_LINEAR(a, ga, b, gb)
 
 
 def embedding_embedding_cross(
-    tokens1: torch.Tensor, grad1: torch.Tensor, tokens2: torch.Tensor, grad2: torch.Tensor, *,
-    num_embeddings: int, padding_idx: Optional[int] = None,
+    tokens1: torch.Tensor,
+    grad1: torch.Tensor,
+    tokens2: torch.Tensor,
+    grad2: torch.Tensor,
+    *,
+    num_embeddings: int,
+    padding_idx: Optional[int] = None,
 ) -> torch.Tensor:
     """⟨g_i^(1), g_i^(2)⟩ per example, float32 (B,): one table looked up twice (an encoder's and a
     decoder's embedding)."""

@@ -6,6 +6,7 @@
   themselves when the library is already imported (a model of its classes exists only then); the
   core never imports transformers or timm.
 """
+
 from __future__ import annotations
 
 import importlib

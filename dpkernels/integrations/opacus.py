@@ -17,6 +17,7 @@ builds and sorts index pairs):
 Clipping, noise and accounting stay Opacus'. Only the norms change, and they agree with Opacus'
 own to float32 rounding (tests/test_integrations_opacus.py).
 """
+
 from __future__ import annotations
 
 import functools
@@ -72,8 +73,13 @@ def embedding_norm_sample(
     """
     ret: Dict[nn.Parameter, torch.Tensor] = {}
     if layer.weight.requires_grad:
-        sq = functional.embedding_sq_norms(activations[0], backprops, num_embeddings=layer.num_embeddings,
-                                           padding_idx=layer.padding_idx, backend=backend)
+        sq = functional.embedding_sq_norms(
+            activations[0],
+            backprops,
+            num_embeddings=layer.num_embeddings,
+            padding_idx=layer.padding_idx,
+            backend=backend,
+        )
         ret[layer.weight] = sq.sqrt().to(backprops.dtype)
     return ret
 

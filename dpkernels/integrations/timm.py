@@ -23,6 +23,7 @@ timm class (``timm.layers``)   DP version
 Every converted layer stays an instance of its timm class. The guard's probe checks at the first
 step that the DP model computes what the timm model computes.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -90,5 +91,9 @@ register(f"{_NORM}.GroupNorm1", _builder(DPGroupNorm, "affine"), dp_type=DPGroup
 register(f"{_NORM}.RmsNorm", _builder(RmsNormPath, "elementwise_affine"), dp_type=RmsNormPath)
 register("timm.layers.layer_scale.LayerScale", _builder(FallbackPath), dp_type=FallbackPath)
 register("timm.layers.layer_scale.LayerScale2d", _builder(FallbackPath), dp_type=FallbackPath)
-register("timm.models.vision_transformer.VisionTransformer", _builder(VisionTransformerPath),
-         math=("forward", "_pos_embed"), dp_type=VisionTransformerPath)
+register(
+    "timm.models.vision_transformer.VisionTransformer",
+    _builder(VisionTransformerPath),
+    math=("forward", "_pos_embed"),
+    dp_type=VisionTransformerPath,
+)

@@ -32,6 +32,7 @@ GPT-2's ``wpe``) need nothing here: the guard expands such inputs before the loo
 is imported here; the guard's probe checks at the first step that every DP version computes what
 the class computes (a transformers release that changes one is refused, not mistrained).
 """
+
 from __future__ import annotations
 
 import inspect
@@ -84,8 +85,9 @@ class GemmaRMSNormPath(RMSNormPath):
 class T5AttentionPath:
     """T5's attention with the relative position bias looked up per example (see the module docstring)."""
 
-    def compute_bias(self, query_length: int, key_length: int, device: Optional[torch.device] = None,
-                     past_seen_tokens: int = 0) -> torch.Tensor:
+    def compute_bias(
+        self, query_length: int, key_length: int, device: Optional[torch.device] = None, past_seen_tokens: int = 0
+    ) -> torch.Tensor:
         table = self.relative_attention_bias
         if not (isinstance(table, DPModule) and table.weight.requires_grad and table.dp_private_forward()):
             return super().compute_bias(query_length, key_length, device=device, past_seen_tokens=past_seen_tokens)
@@ -94,8 +96,10 @@ class T5AttentionPath:
         context = torch.arange(query_length, dtype=torch.long, device=device)[:, None] + past_seen_tokens
         memory = torch.arange(key_length, dtype=torch.long, device=device)[None, :]
         buckets = self._relative_position_bucket(
-            memory - context, bidirectional=not self.is_decoder,
-            num_buckets=self.relative_attention_num_buckets, max_distance=self.relative_attention_max_distance,
+            memory - context,
+            bidirectional=not self.is_decoder,
+            num_buckets=self.relative_attention_num_buckets,
+            max_distance=self.relative_attention_max_distance,
         )
         values = table(buckets.unsqueeze(0))  # (B, T_q, T_k, H): the guard expands the shared buckets
         return values.permute(0, 3, 1, 2)  # (B, H, T_q, T_k), added to each example's scores
@@ -130,15 +134,26 @@ def _embedding_subclass(module: nn.Module) -> nn.Module:
 
 
 register(Conv1D, _norm_builder(DPConv1DPath), dp_type=DPConv1DPath)
-for _model, _cls in [("llama", "LlamaRMSNorm"), ("mistral", "MistralRMSNorm"), ("mixtral", "MixtralRMSNorm"),
-                     ("qwen2", "Qwen2RMSNorm"), ("qwen3", "Qwen3RMSNorm"), ("phi3", "Phi3RMSNorm"),
-                     ("olmo2", "Olmo2RMSNorm"), ("t5", "T5LayerNorm"), ("mt5", "MT5LayerNorm")]:
+for _model, _cls in [
+    ("llama", "LlamaRMSNorm"),
+    ("mistral", "MistralRMSNorm"),
+    ("mixtral", "MixtralRMSNorm"),
+    ("qwen2", "Qwen2RMSNorm"),
+    ("qwen3", "Qwen3RMSNorm"),
+    ("phi3", "Phi3RMSNorm"),
+    ("olmo2", "Olmo2RMSNorm"),
+    ("t5", "T5LayerNorm"),
+    ("mt5", "MT5LayerNorm"),
+]:
     register(f"{_MODELS}.{_model}.modeling_{_model}.{_cls}", _norm_builder(RMSNormPath), dp_type=RMSNormPath)
 for _model, _cls in [("gemma", "GemmaRMSNorm"), ("gemma2", "Gemma2RMSNorm"), ("gemma3", "Gemma3RMSNorm")]:
-    register(f"{_MODELS}.{_model}.modeling_{_model}.{_cls}", _norm_builder(GemmaRMSNormPath),
-             dp_type=GemmaRMSNormPath)
-for _model, _cls in [("gemma", "GemmaTextScaledWordEmbedding"), ("gemma2", "Gemma2TextScaledWordEmbedding"),
-                     ("gemma3", "Gemma3TextScaledWordEmbedding"), ("opt", "OPTLearnedPositionalEmbedding")]:
+    register(f"{_MODELS}.{_model}.modeling_{_model}.{_cls}", _norm_builder(GemmaRMSNormPath), dp_type=GemmaRMSNormPath)
+for _model, _cls in [
+    ("gemma", "GemmaTextScaledWordEmbedding"),
+    ("gemma2", "Gemma2TextScaledWordEmbedding"),
+    ("gemma3", "Gemma3TextScaledWordEmbedding"),
+    ("opt", "OPTLearnedPositionalEmbedding"),
+]:
     register(f"{_MODELS}.{_model}.modeling_{_model}.{_cls}", _embedding_subclass, dp_type=DPEmbedding)
 for _model, _cls in [("t5", "T5Attention"), ("mt5", "MT5Attention")]:
     register(f"{_MODELS}.{_model}.modeling_{_model}.{_cls}", _t5_attention, math=("forward", "compute_bias"))

@@ -11,6 +11,7 @@ Examples sit where the module's own ``batch_first`` says, (N, L, E) or (L, N, E)
 ``bias_k``/``bias_v`` is refused (no per-example path for them yet): freeze them or leave the
 option off.
 """
+
 from __future__ import annotations
 
 import math
@@ -46,10 +47,21 @@ class DPMultiheadAttention(nn.MultiheadAttention, DPModule):
     @classmethod
     def dp_from(cls, mha: nn.MultiheadAttention) -> "DPMultiheadAttention":
         """A DPMultiheadAttention sharing ``mha``'s Parameter objects (its out_proj becomes a DPLinear)."""
-        new = cls.adopt(mha, ("embed_dim", "kdim", "vdim", "_qkv_same_embed_dim", "num_heads", "dropout",
-                              "batch_first", "head_dim", "add_zero_attn"),
-                        ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias",
-                         "bias_k", "bias_v"))
+        new = cls.adopt(
+            mha,
+            (
+                "embed_dim",
+                "kdim",
+                "vdim",
+                "_qkv_same_embed_dim",
+                "num_heads",
+                "dropout",
+                "batch_first",
+                "head_dim",
+                "add_zero_attn",
+            ),
+            ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias", "bias_k", "bias_v"),
+        )
         new.out_proj = DPLinear.dp_from(mha.out_proj) if type(mha.out_proj) is not DPLinear else mha.out_proj
         return new
 
@@ -77,8 +89,10 @@ class DPMultiheadAttention(nn.MultiheadAttention, DPModule):
         if self._bias_trainable() and not all(weights):
             return "a trainable in_proj_bias with frozen projection weights is not supported; freeze it too"
         if any(b is not None and b.requires_grad for b in (self.bias_k, self.bias_v)):
-            return ("add_bias_kv=True: bias_k/bias_v have no per-example clipping path yet; freeze them "
-                    "(requires_grad_(False)) or use add_bias_kv=False")
+            return (
+                "add_bias_kv=True: bias_k/bias_v have no per-example clipping path yet; freeze them "
+                "(requires_grad_(False)) or use add_bias_kv=False"
+            )
         return None
 
     # ---- forward -----------------------------------------------------------------------
@@ -95,8 +109,16 @@ class DPMultiheadAttention(nn.MultiheadAttention, DPModule):
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         private = self.dp_private_forward() and (self._projection_trainable() or self.out_proj.weight.requires_grad)
         if not private:
-            return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
-                                   attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal)
+            return super().forward(
+                query,
+                key,
+                value,
+                key_padding_mask=key_padding_mask,
+                need_weights=need_weights,
+                attn_mask=attn_mask,
+                average_attn_weights=average_attn_weights,
+                is_causal=is_causal,
+            )
         if query.dim() != 3:
             raise ValueError(
                 f"DPMultiheadAttention needs batched input ({'N, L, E' if self.batch_first else 'L, N, E'}) under "
@@ -111,8 +133,10 @@ class DPMultiheadAttention(nn.MultiheadAttention, DPModule):
             else:
                 (query, key, value), _ = self.dp_examples(query, key, value, batch_dim=bd)
         if is_causal and attn_mask is None:  # as nn.MultiheadAttention: is_causal is only a hint about attn_mask
-            raise RuntimeError("Need attn_mask if specifying the is_causal hint. You may use the Transformer module "
-                               "method `generate_square_subsequent_mask` to create this mask.")
+            raise RuntimeError(
+                "Need attn_mask if specifying the is_causal hint. You may use the Transformer module "
+                "method `generate_square_subsequent_mask` to create this mask."
+            )
         if not self.batch_first:  # work batch-first: (N, L, E) views
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         q, k, v = self._project(query, key, value, self_attention)
@@ -201,20 +225,43 @@ class DPMultiheadAttention(nn.MultiheadAttention, DPModule):
         if kind == "packed" or len(names) == 3:  # one weight per (x, G) pair: noise inside the fused GEMM
             for name, (x, g) in zip(names if kind == "split" else ["in_proj_weight"], pairs):
                 grads[name] = functional.linear_clipped_grad(
-                    x, g, clip_factors, bias=False, noise_std=noise_std, generator=keys[name], backend=backend,
-                    out_dtype=out_dtype or getattr(self, name).dtype)[0]
+                    x,
+                    g,
+                    clip_factors,
+                    bias=False,
+                    noise_std=noise_std,
+                    generator=keys[name],
+                    backend=backend,
+                    out_dtype=out_dtype or getattr(self, name).dtype,
+                )[0]
         else:  # split products into the packed weight: blocks without noise, then the weight's noise once
-            blocks = [functional.linear_clipped_grad(x, g, clip_factors, bias=False, noise_std=0.0,
-                                                     generator=keys["in_proj_weight"], backend=backend,
-                                                     out_dtype=torch.float32)[0] for x, g in pairs]
+            blocks = [
+                functional.linear_clipped_grad(
+                    x,
+                    g,
+                    clip_factors,
+                    bias=False,
+                    noise_std=0.0,
+                    generator=keys["in_proj_weight"],
+                    backend=backend,
+                    out_dtype=torch.float32,
+                )[0]
+                for x, g in pairs
+            ]
             w = torch.cat(blocks)
-            w += functional.gaussian_noise(w.shape, std=noise_std, generator=keys["in_proj_weight"],
-                                           device=w.device, backend=backend)
+            w += functional.gaussian_noise(
+                w.shape, std=noise_std, generator=keys["in_proj_weight"], device=w.device, backend=backend
+            )
             grads["in_proj_weight"] = w.to(out_dtype or self.in_proj_weight.dtype)
         if "in_proj_bias" in keys:
-            per_example = torch.cat([g.reshape(g.shape[0], -1, g.shape[-1]).sum(dim=1, dtype=torch.float32)
-                                     for _, g in pairs], dim=1)
+            per_example = torch.cat(
+                [g.reshape(g.shape[0], -1, g.shape[-1]).sum(dim=1, dtype=torch.float32) for _, g in pairs], dim=1
+            )
             grads["in_proj_bias"] = functional.clip_sum_noise(
-                per_example, clip_factors, noise_std=noise_std, generator=keys["in_proj_bias"], backend=backend,
+                per_example,
+                clip_factors,
+                noise_std=noise_std,
+                generator=keys["in_proj_bias"],
+                backend=backend,
             ).to(out_dtype or self.in_proj_bias.dtype)
         return grads

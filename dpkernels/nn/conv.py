@@ -5,6 +5,7 @@ clipped sum are the linear layer's fused kernels run on the patch matrices, whic
 materialised transiently (about ∏k times the layer's input, in backward and at step).
 Conv3d and the transposed convolutions have no such path yet; ``make_private`` refuses them.
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, Optional, Tuple
@@ -20,8 +21,19 @@ from .linear import _autocast_enabled
 from .module import DPModule
 from .registry import register_dp_layer
 
-_CONV_ATTRS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "transposed",
-               "output_padding", "groups", "padding_mode", "_reversed_padding_repeated_twice")
+_CONV_ATTRS = (
+    "in_channels",
+    "out_channels",
+    "kernel_size",
+    "stride",
+    "padding",
+    "dilation",
+    "transposed",
+    "output_padding",
+    "groups",
+    "padding_mode",
+    "_reversed_padding_repeated_twice",
+)
 
 
 class _DPConvNd(DPModule):
@@ -36,7 +48,9 @@ class _DPConvNd(DPModule):
     def dp_from(cls, conv: nn.Module) -> nn.Module:
         """A DP convolution sharing ``conv``'s Parameter objects (optimizers keep pointing at them)."""
         if not isinstance(conv, cls._torch_type):
-            raise TypeError(f"{cls.__name__}.from_conv needs an nn.{cls._torch_type.__name__}, got {type(conv).__name__}")
+            raise TypeError(
+                f"{cls.__name__}.from_conv needs an nn.{cls._torch_type.__name__}, got {type(conv).__name__}"
+            )
         return cls.adopt(conv, _CONV_ATTRS, ("weight", "bias"))
 
     @classmethod
@@ -52,8 +66,9 @@ class _DPConvNd(DPModule):
         return self.dp_private_forward() and self.weight.requires_grad
 
     def _geometry(self) -> ConvGeometry:
-        return ConvGeometry.from_args(self.weight.shape, self.stride, self.padding, self.dilation, self.groups,
-                                      self.padding_mode)
+        return ConvGeometry.from_args(
+            self.weight.shape, self.stride, self.padding, self.dilation, self.groups, self.padding_mode
+        )
 
     def _conv_padding(self) -> Tuple[int, ...]:
         """The symmetric zero padding the recorded x is convolved with."""
@@ -82,12 +97,21 @@ class _DPConvNd(DPModule):
         return DPConvFunction.apply(x, weight, bias, self.stride, conv_padding, self.dilation, self.groups, collector)
 
     def _conv_kwargs(self) -> Dict[str, Any]:
-        return dict(stride=self.stride, padding=self._conv_padding(), dilation=self.dilation, groups=self.groups,
-                    padding_mode="zeros", bias=self._bias_trainable())
+        return dict(
+            stride=self.stride,
+            padding=self._conv_padding(),
+            dilation=self.dilation,
+            groups=self.groups,
+            padding_mode="zeros",
+            bias=self._bias_trainable(),
+        )
 
-    def dp_sq_norms(self, x: torch.Tensor, grad_output: torch.Tensor, method: str, backend: Optional[str]) -> torch.Tensor:
-        return functional.conv_sq_norms(x, grad_output, self.weight.shape, method=method, backend=backend,
-                                        **self._conv_kwargs())
+    def dp_sq_norms(
+        self, x: torch.Tensor, grad_output: torch.Tensor, method: str, backend: Optional[str]
+    ) -> torch.Tensor:
+        return functional.conv_sq_norms(
+            x, grad_output, self.weight.shape, method=method, backend=backend, **self._conv_kwargs()
+        )
 
     def dp_clipped_grads(
         self,
@@ -103,8 +127,15 @@ class _DPConvNd(DPModule):
         if kwargs["bias"] and keys["bias"].stream != keys["weight"].stream + 1:
             raise RuntimeError("internal: the bias noise stream must follow the weight's (stream + 1)")
         grad_w, grad_b = functional.conv_clipped_grad(
-            x, grad_output, clip_factors, self.weight.shape, noise_std=noise_std, generator=keys["weight"],
-            backend=backend, out_dtype=out_dtype or self.weight.dtype, **kwargs,
+            x,
+            grad_output,
+            clip_factors,
+            self.weight.shape,
+            noise_std=noise_std,
+            generator=keys["weight"],
+            backend=backend,
+            out_dtype=out_dtype or self.weight.dtype,
+            **kwargs,
         )
         grads = {"weight": grad_w}
         if grad_b is not None:

@@ -6,6 +6,7 @@ Hugging Face transformers and timm when those libraries are in use, and users re
 own. The DP layer shares the original's Parameter objects, so an optimizer built before
 conversion still holds the right tensors.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Dict, Tuple

@@ -1,4 +1,5 @@
 """DPEmbedding: a drop-in nn.Embedding with a per-example clipping path."""
+
 from __future__ import annotations
 
 from typing import Any, Dict, Optional
@@ -30,8 +31,11 @@ class DPEmbedding(nn.Embedding, DPModule):
     @classmethod
     def dp_from(cls, embedding: nn.Embedding) -> "DPEmbedding":
         """A DPEmbedding sharing ``embedding``'s Parameter (optimizers keep pointing at it)."""
-        return cls.adopt(embedding, ("num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type",
-                                     "scale_grad_by_freq", "sparse"), ("weight",))
+        return cls.adopt(
+            embedding,
+            ("num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse"),
+            ("weight",),
+        )
 
     from_embedding = dp_from
 
@@ -82,7 +86,11 @@ class DPEmbedding(nn.Embedding, DPModule):
             return per_example.reshape(per_example.shape[0], -1).square().sum(dim=1)
         tokens, grad_output = tensors
         return functional.embedding_sq_norms(
-            tokens, grad_output, num_embeddings=self.num_embeddings, padding_idx=self.padding_idx, backend=backend,
+            tokens,
+            grad_output,
+            num_embeddings=self.num_embeddings,
+            padding_idx=self.padding_idx,
+            backend=backend,
             check_ids=False,  # the forward's F.embedding checked them
         )
 
@@ -105,13 +113,25 @@ class DPEmbedding(nn.Embedding, DPModule):
     ) -> Dict[str, torch.Tensor]:
         if payload[0] == "per_example":
             per_example = payload[1]
-            grad = functional.clip_sum_noise(per_example.reshape(per_example.shape[0], -1), clip_factors,
-                                             noise_std=noise_std, generator=keys["weight"], backend=backend)
+            grad = functional.clip_sum_noise(
+                per_example.reshape(per_example.shape[0], -1),
+                clip_factors,
+                noise_std=noise_std,
+                generator=keys["weight"],
+                backend=backend,
+            )
             return {"weight": grad.view(self.weight.shape).to(out_dtype or self.weight.dtype)}
         _, tokens, grad_output = payload
         grad = functional.embedding_clipped_grad(
-            tokens, grad_output, clip_factors, num_embeddings=self.num_embeddings, padding_idx=self.padding_idx,
-            noise_std=noise_std, generator=keys["weight"], backend=backend, out_dtype=out_dtype or self.weight.dtype,
+            tokens,
+            grad_output,
+            clip_factors,
+            num_embeddings=self.num_embeddings,
+            padding_idx=self.padding_idx,
+            noise_std=noise_std,
+            generator=keys["weight"],
+            backend=backend,
+            out_dtype=out_dtype or self.weight.dtype,
             check_ids=False,
         )
         return {"weight": grad}

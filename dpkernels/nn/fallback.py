@@ -27,6 +27,7 @@ checks the module's batch inputs like any DP layer's, and its probe checks its r
 examples. Integrations use ``fallback_call`` directly on the smallest method that uses the
 parameters (timm's ``VisionTransformer._pos_embed``), so that f is not the whole model.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -92,8 +93,15 @@ class _Capture(torch.autograd.Function):
 class _FallbackCall:
     """One private call of f = fn(module, *args, **kwargs): what backward needs to finish it."""
 
-    def __init__(self, module: "FallbackPath", fn: Callable, args: tuple, kwargs: dict, batch_dims: Dict[int, int],
-                 names: List[str]) -> None:
+    def __init__(
+        self,
+        module: "FallbackPath",
+        fn: Callable,
+        args: tuple,
+        kwargs: dict,
+        batch_dims: Dict[int, int],
+        names: List[str],
+    ) -> None:
         self.module, self.fn, self.args, self.kwargs = module, fn, args, kwargs
         self.batch_dims = batch_dims  # id(leaf) -> batch dim, for the inputs split into examples
         self.names = names
@@ -132,8 +140,9 @@ class _FallbackCall:
         mode, guard.mode = guard.mode, "plain"  # DP layers inside f: their plain torch layers, no records
         try:
             with torch.enable_grad():
-                grads = torch.func.vmap(one_example, in_dims=(None, in_dims, [self.out_dims[k] for k in keep]),
-                                        randomness="different")(params, ex_inputs, [cots[k] for k in keep])
+                grads = torch.func.vmap(
+                    one_example, in_dims=(None, in_dims, [self.out_dims[k] for k in keep]), randomness="different"
+                )(params, ex_inputs, [cots[k] for k in keep])
         finally:
             guard.mode = mode
         self.grads = {n: g.float() for n, g in grads.items()}
@@ -252,8 +261,14 @@ def fallback_candidates(model: nn.Module, limit: Optional[int] = None) -> List[T
         if size > limit:
             continue
         reason = explain(module) or f"no DP layer is registered for {qualified_name(type(module))}"
-        out.append((name, module, f"{reason}; its {size} own parameter elements "
-                                  f"({', '.join(n for n, _ in own)}) get per-example gradients by torch.func"))
+        out.append(
+            (
+                name,
+                module,
+                f"{reason}; its {size} own parameter elements "
+                f"({', '.join(n for n, _ in own)}) get per-example gradients by torch.func",
+            )
+        )
     return out
 
 
@@ -271,6 +286,7 @@ def put_on_fallback(model: nn.Module, enabled: bool) -> List[Tuple[str, str]]:
             "make_private runs these modules on the torch.func fallback (exact per-example gradients, slower than "
             "a fused DP layer; make_private(..., fallback=False) refuses them instead):\n  - "
             + "\n  - ".join(f"{name}: {why}" for name, why in report),
-            DPFallbackWarning, stacklevel=3,
+            DPFallbackWarning,
+            stacklevel=3,
         )
     return report

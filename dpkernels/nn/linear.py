@@ -4,6 +4,7 @@
 stores W in: DPLinear (W as (out, in)) and transformers' GPT-2 ``Conv1D`` (W as (in, out),
 ``dpkernels.integrations.transformers``) share it.
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, Optional
@@ -83,8 +84,14 @@ class LinearPath(DPModule):
         if with_bias and noise_std != 0.0 and keys["bias"].stream != keys["weight"].stream + 1:
             raise RuntimeError("internal: the bias noise stream must follow the weight's (stream + 1)")
         grad_w, grad_b = functional.linear_clipped_grad(
-            x, grad_output, clip_factors, bias=with_bias,
-            noise_std=noise_std, generator=keys["weight"], backend=backend, out_dtype=out_dtype or self.weight.dtype,
+            x,
+            grad_output,
+            clip_factors,
+            bias=with_bias,
+            noise_std=noise_std,
+            generator=keys["weight"],
+            backend=backend,
+            out_dtype=out_dtype or self.weight.dtype,
         )
         grads = {"weight": grad_w.t().contiguous() if self._weight_transposed else grad_w}
         if grad_b is not None:
@@ -101,7 +108,9 @@ class LinearPath(DPModule):
         # Wᵀ stored (Conv1D): the gradient of the parameter is xᵀG, a linear use with x and G swapped
         return LinearUse(grad_output, x) if self._weight_transposed else LinearUse(x, grad_output)
 
-    def dp_sq_norms(self, x: torch.Tensor, grad_output: torch.Tensor, method: str, backend: Optional[str]) -> torch.Tensor:
+    def dp_sq_norms(
+        self, x: torch.Tensor, grad_output: torch.Tensor, method: str, backend: Optional[str]
+    ) -> torch.Tensor:
         return functional.linear_sq_norms(x, grad_output, bias=self._bias_trainable(), method=method, backend=backend)
 
 

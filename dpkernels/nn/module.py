@@ -4,6 +4,7 @@ A DP module owns some trainable parameters and, when attached to an engine's col
 reports per-example squared norms during backward and writes its parameters' clipped,
 noised gradients at step time. Outside an engine it behaves exactly like its torch parent.
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -126,8 +127,9 @@ class DenseGradients(DPModule):
             if name not in payload:
                 raise RuntimeError(f"internal: {type(self).__name__} recorded no per-example gradient for '{name}'")
             param = getattr(self, name)
-            total = functional.clip_sum_noise(payload[name], clip_factors, noise_std=noise_std, generator=key,
-                                              backend=backend)
+            total = functional.clip_sum_noise(
+                payload[name], clip_factors, noise_std=noise_std, generator=key, backend=backend
+            )
             grads[name] = total.view(param.shape).to(out_dtype or param.dtype)
         return grads
 

@@ -6,6 +6,7 @@ clip-sum-noise pass (``functional.clip_sum_noise``). Memory: what the torch laye
 (B, n) float32 per parameter until the step. BatchNorm has no such path: it mixes the examples
 of a batch, and ``make_private`` refuses it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -32,12 +33,16 @@ class _DPAffineNorm(DenseGradients):
     """What the three layers share: the recorded payload is {parameter name: (B, *shape) float32}."""
 
     def _trainable_affine(self) -> bool:
-        return any(p is not None and p.requires_grad for p in (getattr(self, "weight", None), getattr(self, "bias", None)))
+        return any(
+            p is not None and p.requires_grad for p in (getattr(self, "weight", None), getattr(self, "bias", None))
+        )
 
     def _private(self) -> bool:
         return self.dp_private_forward() and self._trainable_affine()
 
-    def _examples(self, x: torch.Tensor, batched_dims: int, batch_dim: Optional[int] = None) -> Tuple[torch.Tensor, Any]:
+    def _examples(
+        self, x: torch.Tensor, batched_dims: int, batch_dim: Optional[int] = None
+    ) -> Tuple[torch.Tensor, Any]:
         """The input (expanded if broadcast) and the layout of its examples: dimension 0, or 1 for
         sequence-first input (batch_first=False) unless ``batch_dim`` says, as the guard admits them."""
         if x.dim() < batched_dims + 1:
@@ -56,11 +61,13 @@ class _DPAffineNorm(DenseGradients):
         collector = self._dp_collector.for_module(self)
         x, precision = _float32_under_autocast(input)
         with precision:
-            return DPLayerNormFunction.apply(x, self.weight, self.bias, tuple(self.normalized_shape), self.eps,
-                                             collector, layout)
+            return DPLayerNormFunction.apply(
+                x, self.weight, self.bias, tuple(self.normalized_shape), self.eps, collector, layout
+            )
 
-    def _rms_norm_private(self, input: torch.Tensor, weight: torch.Tensor, eps: Optional[float],
-                          batch_dim: Optional[int] = None) -> torch.Tensor:
+    def _rms_norm_private(
+        self, input: torch.Tensor, weight: torch.Tensor, eps: Optional[float], batch_dim: Optional[int] = None
+    ) -> torch.Tensor:
         """y = x̂ ⊙ weight, x̂ = x / sqrt(mean(x²) + eps) over weight's dimensions (the last ones), in
         float32; ``weight`` may be a function of the parameter (Gemma's 1 + w), whose per-example
         gradient Σ x̂ ⊙ G is the same."""

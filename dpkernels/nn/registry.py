@@ -17,6 +17,7 @@ default): a subclass that changes ``forward`` may compute something else, so it 
 of its own, and one with trainable parameters is refused, naming the class (``explain``).
 Whatever an entry builds must hold every parameter of the layer it replaces.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -47,8 +48,9 @@ def qualified_name(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def register(key: LayerKey, build: Builder, *, math: Sequence[str] = ("forward",),
-             dp_type: Optional[type] = None) -> None:
+def register(
+    key: LayerKey, build: Builder, *, math: Sequence[str] = ("forward",), dp_type: Optional[type] = None
+) -> None:
     """Make ``convert`` turn layers of type ``key`` (a class or its qualified name) into ``build(layer)``.
 
     ``build`` returns the DP layer, sharing the layer's Parameter objects (an optimizer built before

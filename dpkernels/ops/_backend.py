@@ -13,6 +13,7 @@ variable, else automatic: triton for CUDA tensors when triton is installed, torc
 An explicit choice that cannot run here raises an error naming the reason; it never falls back
 silently. ``backends()`` reports what is available.
 """
+
 from __future__ import annotations
 
 import os

@@ -27,6 +27,7 @@ Optional outputs. A custom op cannot return ``Tensor?``; an implementation retur
 ``None`` entries (a layer without bias) is registered as returning ``Tensor[]`` in which a
 0-element tensor stands for ``None``, and ``KernelOp`` turns it back.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
@@ -62,8 +63,17 @@ class KernelOp:
     """One dpkernels op: its implementations per backend, its custom op, and the call that picks
     between running an implementation directly and going through the operator."""
 
-    def __init__(self, name: str, schema: str, impls: Dict[str, Callable], fake: Callable, *,
-                 key_args: Sequence[int] = (), optional_outputs: bool = False, device_arg: int = 0) -> None:
+    def __init__(
+        self,
+        name: str,
+        schema: str,
+        impls: Dict[str, Callable],
+        fake: Callable,
+        *,
+        key_args: Sequence[int] = (),
+        optional_outputs: bool = False,
+        device_arg: int = 0,
+    ) -> None:
         self.name = name
         self.impls = impls
         self.has_cuda = "cuda" in impls
@@ -71,8 +81,9 @@ class KernelOp:
         self.optional_outputs = optional_outputs
         self.device_arg = device_arg
         tags = (torch.Tag.cudagraph_unsafe,) if key_args else ()
-        self.custom_op = torch.library.custom_op(f"{NAMESPACE}::{name}", self._run_op, mutates_args=(),
-                                                 schema=schema, tags=tags)
+        self.custom_op = torch.library.custom_op(
+            f"{NAMESPACE}::{name}", self._run_op, mutates_args=(), schema=schema, tags=tags
+        )
         self.fake = fake
         self.custom_op.register_fake(self._fake(fake))
         self.op = getattr(getattr(torch.ops, NAMESPACE), name).default
@@ -125,9 +136,18 @@ class KernelOp:
 TABLE: Dict[str, KernelOp] = {}
 
 
-def kernel_op(name: str, schema: str, *, torch: Callable, triton: Optional[Callable] = None,
-              cuda: Optional[Callable] = None, fake: Callable, key_args: Sequence[int] = (),
-              optional_outputs: bool = False, device_arg: int = 0) -> KernelOp:
+def kernel_op(
+    name: str,
+    schema: str,
+    *,
+    torch: Callable,
+    triton: Optional[Callable] = None,
+    cuda: Optional[Callable] = None,
+    fake: Callable,
+    key_args: Sequence[int] = (),
+    optional_outputs: bool = False,
+    device_arg: int = 0,
+) -> KernelOp:
     """Declare the op ``dpkernels::name`` (see the module docstring) and enter it in ``TABLE``.
 
     ``schema``: the arguments and returns in torch's schema language, without the trailing
@@ -142,7 +162,6 @@ def kernel_op(name: str, schema: str, *, torch: Callable, triton: Optional[Calla
         impls["cuda"] = cuda
     args, returns = schema.rsplit("->", 1)
     full = f"{args.rstrip()[:-1].rstrip()}, str? backend) -> {returns.strip()}"
-    op = KernelOp(name, full, impls, fake, key_args=key_args, optional_outputs=optional_outputs,
-                  device_arg=device_arg)
+    op = KernelOp(name, full, impls, fake, key_args=key_args, optional_outputs=optional_outputs, device_arg=device_arg)
     TABLE[name] = op
     return op

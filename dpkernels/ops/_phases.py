@@ -9,6 +9,7 @@ no-op context (one attribute check), so the step pays nothing for it. Two ways t
   exact on any number of threads.
 - torch.profiler: each phase is then a ``record_function`` range in the trace.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -5,6 +5,7 @@ plane into square tiles of edge ``ghost_block_t(T)`` and, the plane being symmet
 the tiles on and above the diagonal (``upper_triangle_pairs``), counting off-diagonal tiles
 twice. ``gram_tile`` forms one tile of a Gram matrix A Aᵀ in registers.
 """
+
 from __future__ import annotations
 
 import torch
@@ -35,8 +36,20 @@ if HAS_TRITON:
     from ._triton import dot_acc
 
     @triton.jit
-    def gram_tile(base, rt, rs, mask_t, mask_s, n_cols, s_row, s_col,
-                  IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+    def gram_tile(
+        base,
+        rt,
+        rs,
+        mask_t,
+        mask_s,
+        n_cols,
+        s_row,
+        s_col,
+        IEEE: tl.constexpr,
+        UPCAST: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
         """(A A^T) restricted to rows rt × rows rs, for one example's matrix A at ``base``: float32."""
         offs_k = tl.arange(0, BLOCK_K)
         gram = tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32)
@@ -44,9 +57,11 @@ if HAS_TRITON:
             cols = k + offs_k
             cmask = cols < n_cols
             c64 = cols.to(tl.int64)
-            a = tl.load(base + rt[:, None] * s_row + c64[None, :] * s_col,
-                        mask=mask_t[:, None] & cmask[None, :], other=0.0)
-            a2 = tl.load(base + rs[:, None] * s_row + c64[None, :] * s_col,
-                         mask=mask_s[:, None] & cmask[None, :], other=0.0)
+            a = tl.load(
+                base + rt[:, None] * s_row + c64[None, :] * s_col, mask=mask_t[:, None] & cmask[None, :], other=0.0
+            )
+            a2 = tl.load(
+                base + rs[:, None] * s_row + c64[None, :] * s_col, mask=mask_s[:, None] & cmask[None, :], other=0.0
+            )
             gram = dot_acc(gram, a, tl.trans(a2), IEEE, UPCAST)
         return gram

@@ -5,6 +5,7 @@ kernels and on its own), float32-accumulating dots, autotuning candidates and th
 Importing this module never fails: without triton, ``HAS_TRITON`` is False and the kernels
 modules are not imported by the dispatcher.
 """
+
 from __future__ import annotations
 
 import os
@@ -60,7 +61,8 @@ if HAS_TRITON:
     def _radius(x_hi, x_lo):
         """sqrt(-2 ln u), u = x_hi·2^-32 + (x_lo·2^-64 + 2^-65): the 64-bit uniform of ops/philox.py."""
         u = x_hi.to(tl.float32) * 2.3283064365386963e-10 + (
-            x_lo.to(tl.float32) * 5.421010862427522e-20 + 2.710505431213761e-20)
+            x_lo.to(tl.float32) * 5.421010862427522e-20 + 2.710505431213761e-20
+        )
         return tl.sqrt(-2.0 * tl.log(u))
 
     @triton.jit
@@ -147,9 +149,16 @@ def configs(*specs: tuple) -> list:
 # The last two are for float32 (IEEE products on FMA units): every larger tile spills there
 # (bench/kernel_resources.py reads registers and spills of each candidate without a GPU).
 _GEMM_TILES = (
-    (64, 64, 32, 4, 3), (64, 64, 64, 4, 4), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3),
-    (128, 64, 64, 8, 4), (64, 128, 64, 8, 4), (128, 128, 32, 8, 3), (128, 128, 64, 8, 3),
-    (64, 64, 16, 8, 2), (32, 64, 32, 4, 3),
+    (64, 64, 32, 4, 3),
+    (64, 64, 64, 4, 4),
+    (128, 64, 32, 4, 3),
+    (64, 128, 32, 4, 3),
+    (128, 64, 64, 8, 4),
+    (64, 128, 64, 8, 4),
+    (128, 128, 32, 8, 3),
+    (128, 128, 64, 8, 3),
+    (64, 64, 16, 8, 2),
+    (32, 64, 32, 4, 3),
 )
 
 
@@ -215,6 +224,13 @@ def add_noise_triton_(out: torch.Tensor, noise_std: float, key) -> torch.Tensor:
         return out
     block = 1024
     _philox_add_noise_kernel[(triton.cdiv(n, block),)](
-        out, n, float(noise_std), key.seed_lo, key.seed_hi, key.step, key.stream, BLOCK=block,
+        out,
+        n,
+        float(noise_std),
+        key.seed_lo,
+        key.seed_hi,
+        key.step,
+        key.stream,
+        BLOCK=block,
     )
     return out

@@ -9,6 +9,7 @@ with float32 accumulation, the result cast to g's dtype. c are the clip factors 
 z follows the counter scheme of ``dpkernels/ops/philox.py``, so every backend (torch, Triton,
 CUDA) draws the same noise for the same key.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -35,9 +36,21 @@ if HAS_TRITON:
 
     @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "step", "stream"])
     def _clip_sum_noise_kernel(
-        g_ptr, c_ptr, out_ptr, B, n, sgb, sgn,
-        noise_std, seed_lo, seed_hi, step, stream,
-        HAS_NOISE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+        g_ptr,
+        c_ptr,
+        out_ptr,
+        B,
+        n,
+        sgb,
+        sgn,
+        noise_std,
+        seed_lo,
+        seed_hi,
+        step,
+        stream,
+        HAS_NOISE: tl.constexpr,
+        BLOCK_B: tl.constexpr,
+        BLOCK_N: tl.constexpr,
     ):
         cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         cmask = cols < n
@@ -47,8 +60,11 @@ if HAS_TRITON:
             rows = b0 + offs_b
             rmask = rows < B
             c = tl.load(c_ptr + rows, mask=rmask, other=0.0)
-            v = tl.load(g_ptr + rows.to(tl.int64)[:, None] * sgb + cols[None, :] * sgn,
-                        mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+            v = tl.load(
+                g_ptr + rows.to(tl.int64)[:, None] * sgb + cols[None, :] * sgn,
+                mask=rmask[:, None] & cmask[None, :],
+                other=0.0,
+            ).to(tl.float32)
             acc += tl.sum(v * c[:, None], axis=0)
         if HAS_NOISE:
             pairs = tl.program_id(0).to(tl.int64) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
@@ -65,9 +81,21 @@ def clip_sum_noise_triton(
     out = torch.empty(n, dtype=per_example.dtype, device=per_example.device)
     block_n = 256
     _clip_sum_noise_kernel[(triton.cdiv(n, block_n),)](
-        per_example, clip_factors, out, B, n, per_example.stride(0), per_example.stride(1),
-        float(noise_std), key.seed_lo, key.seed_hi, key.step, key.stream,
-        HAS_NOISE=noise_std != 0.0, BLOCK_B=16, BLOCK_N=block_n,
+        per_example,
+        clip_factors,
+        out,
+        B,
+        n,
+        per_example.stride(0),
+        per_example.stride(1),
+        float(noise_std),
+        key.seed_lo,
+        key.seed_hi,
+        key.step,
+        key.stream,
+        HAS_NOISE=noise_std != 0.0,
+        BLOCK_B=16,
+        BLOCK_N=block_n,
     )
     return out
 
@@ -83,6 +111,7 @@ def clip_sum_noise_cuda(
 
 def _over_rows(impl: Callable) -> Callable:
     """``impl`` on (B, n) rows as the op's implementation on (B, *shape) → shape."""
+
     def run(per_example: torch.Tensor, clip_factors: torch.Tensor, noise_std: float, key: PhiloxKey) -> torch.Tensor:
         B = per_example.shape[0]
         return impl(per_example.reshape(B, -1), clip_factors, noise_std, key).reshape(per_example.shape[1:])
@@ -91,14 +120,19 @@ def _over_rows(impl: Callable) -> Callable:
     return run
 
 
-def _clip_sum_noise_fake(per_example: torch.Tensor, clip_factors: torch.Tensor, noise_std: float,
-                         key: torch.Tensor) -> torch.Tensor:
+def _clip_sum_noise_fake(
+    per_example: torch.Tensor, clip_factors: torch.Tensor, noise_std: float, key: torch.Tensor
+) -> torch.Tensor:
     return per_example.new_empty(per_example.shape[1:])
 
 
 # dpkernels::clip_sum_noise (ops/_library.py): (B, *shape) per-example gradients -> shape
 OP = kernel_op(
-    "clip_sum_noise", "(Tensor per_example, Tensor clip_factors, float noise_std, Tensor key) -> Tensor",
-    torch=_over_rows(clip_sum_noise_reference), triton=_over_rows(clip_sum_noise_triton),
-    cuda=_over_rows(clip_sum_noise_cuda), fake=_clip_sum_noise_fake, key_args=(3,),
+    "clip_sum_noise",
+    "(Tensor per_example, Tensor clip_factors, float noise_std, Tensor key) -> Tensor",
+    torch=_over_rows(clip_sum_noise_reference),
+    triton=_over_rows(clip_sum_noise_triton),
+    cuda=_over_rows(clip_sum_noise_cuda),
+    fake=_clip_sum_noise_fake,
+    key_args=(3,),
 )

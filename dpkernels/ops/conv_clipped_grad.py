@@ -14,6 +14,7 @@ otherwise; the bias's z comes from stream + 1 (``PhiloxKey.next_stream``). Both 
 ``out_dtype`` (default x's dtype). The op ``dpkernels::conv_clipped_grad`` takes the geometry as
 ``ConvGeometry.as_list``; on the ``cuda`` backend the bias goes through the CUDA clip-sum-noise.
 """
+
 from __future__ import annotations
 
 from typing import Callable, List, Optional, Tuple
@@ -29,9 +30,18 @@ from .philox import PhiloxKey, add_normal_
 
 def _conv_clipped_grad(add_noise_: Callable, bias_sum: Callable) -> Callable:
     """The op with one backend's in-place noise and bias clip-sum-noise."""
-    def run(x: torch.Tensor, grad_output: torch.Tensor, clip_factors: torch.Tensor, geometry: List[int],
-            padding_mode: str, noise_std: float, key: PhiloxKey, out_dtype: Optional[torch.dtype],
-            bias: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+
+    def run(
+        x: torch.Tensor,
+        grad_output: torch.Tensor,
+        clip_factors: torch.Tensor,
+        geometry: List[int],
+        padding_mode: str,
+        noise_std: float,
+        key: PhiloxKey,
+        out_dtype: Optional[torch.dtype],
+        bias: bool,
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         geo = ConvGeometry.from_list(geometry, padding_mode)
         bias_key = key.next_stream() if bias else None
         out_dtype = out_dtype or x.dtype
@@ -49,13 +59,20 @@ def _conv_clipped_grad(add_noise_: Callable, bias_sum: Callable) -> Callable:
     return run
 
 
-def _conv_clipped_grad_fake(x: torch.Tensor, grad_output: torch.Tensor, clip_factors: torch.Tensor,
-                            geometry: List[int], padding_mode: str, noise_std: float, key: torch.Tensor,
-                            out_dtype: Optional[torch.dtype], bias: bool):
+def _conv_clipped_grad_fake(
+    x: torch.Tensor,
+    grad_output: torch.Tensor,
+    clip_factors: torch.Tensor,
+    geometry: List[int],
+    padding_mode: str,
+    noise_std: float,
+    key: torch.Tensor,
+    out_dtype: Optional[torch.dtype],
+    bias: bool,
+):
     geo = ConvGeometry.from_list(geometry, padding_mode)
     dtype = out_dtype or x.dtype
-    return (x.new_empty(geo.weight_shape, dtype=dtype),
-            x.new_empty((geo.out_channels,), dtype=dtype) if bias else None)
+    return (x.new_empty(geo.weight_shape, dtype=dtype), x.new_empty((geo.out_channels,), dtype=dtype) if bias else None)
 
 
 # dpkernels::conv_clipped_grad (ops/_library.py) -> [grad_W (weight_shape), grad_b (C_out,)?]
@@ -66,5 +83,7 @@ OP = kernel_op(
     torch=_conv_clipped_grad(add_normal_, clip_sum_noise_reference),
     triton=_conv_clipped_grad(add_noise_triton_, clip_sum_noise_triton),
     cuda=_conv_clipped_grad(add_noise_triton_, clip_sum_noise_cuda),
-    fake=_conv_clipped_grad_fake, key_args=(6,), optional_outputs=True,
+    fake=_conv_clipped_grad_fake,
+    key_args=(6,),
+    optional_outputs=True,
 )

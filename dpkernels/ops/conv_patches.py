@@ -42,6 +42,7 @@ once into (g, B, L, C_out/g), the size of the layer's output. The clipped sum ne
 it holds c∘G in float32 (and x in float32 when x is not) while torch's conv backward runs.
 Future work (DESIGN.md): the ghost method with implicit patches too.
 """
+
 from __future__ import annotations
 
 import functools
@@ -104,8 +105,10 @@ class ConvGeometry:
     @classmethod
     def _from_args(cls, weight_shape, stride, padding, dilation, groups, padding_mode) -> "ConvGeometry":
         shape = tuple(weight_shape) if isinstance(weight_shape, (tuple, list, torch.Size)) else None
-        if shape is None or len(shape) not in (3, 4) or not all(
-            isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape
+        if (
+            shape is None
+            or len(shape) not in (3, 4)
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)
         ):
             raise ValueError(
                 "weight_shape must be (C_out, C_in/groups, k) for a 1-d or (C_out, C_in/groups, kH, kW) for a 2-d "
@@ -132,16 +135,42 @@ class ConvGeometry:
         else:
             sides = [(p, p) for p in _tuple(padding, n, "padding", 0)]
         if n == 1:
-            return cls(1, shape[0], shape[1] * groups, groups, (1, kernel[0]), (1, stride_t[0]),
-                       (1, dilation_t[0]), (0, 0, *sides[0]), padding_mode)
-        return cls(2, shape[0], shape[1] * groups, groups, tuple(kernel), stride_t, dilation_t,
-                   (*sides[0], *sides[1]), padding_mode)
+            return cls(
+                1,
+                shape[0],
+                shape[1] * groups,
+                groups,
+                (1, kernel[0]),
+                (1, stride_t[0]),
+                (1, dilation_t[0]),
+                (0, 0, *sides[0]),
+                padding_mode,
+            )
+        return cls(
+            2,
+            shape[0],
+            shape[1] * groups,
+            groups,
+            tuple(kernel),
+            stride_t,
+            dilation_t,
+            (*sides[0], *sides[1]),
+            padding_mode,
+        )
 
     def as_list(self) -> List[int]:
         """The geometry as the ints a dpkernels op takes (with ``padding_mode`` beside it):
         spatial_dims, out_channels, in_channels, groups, kernel (2), stride (2), dilation (2), pads (4)."""
-        return [self.spatial_dims, self.out_channels, self.in_channels, self.groups, *self.kernel, *self.stride,
-                *self.dilation, *self.pads]
+        return [
+            self.spatial_dims,
+            self.out_channels,
+            self.in_channels,
+            self.groups,
+            *self.kernel,
+            *self.stride,
+            *self.dilation,
+            *self.pads,
+        ]
 
     @classmethod
     def from_list(cls, values: Sequence[int], padding_mode: str) -> "ConvGeometry":
@@ -167,7 +196,9 @@ class ConvGeometry:
         sizes = (1, *spatial) if self.spatial_dims == 1 else tuple(spatial)
         out = tuple(
             (n + lo + hi - dil * (k - 1) - 1) // s + 1
-            for n, lo, hi, k, s, dil in zip(sizes, self.pads[0::2], self.pads[1::2], self.kernel, self.stride, self.dilation)
+            for n, lo, hi, k, s, dil in zip(
+                sizes, self.pads[0::2], self.pads[1::2], self.kernel, self.stride, self.dilation
+            )
         )
         return self._native(out)
 
@@ -228,8 +259,9 @@ def pad_for_conv(x: torch.Tensor, geometry: ConvGeometry) -> Tuple[torch.Tensor,
     return F.pad(x, fpad, mode=mode), conv_padding
 
 
-def clipped_weight_sum(x: torch.Tensor, grad_output: torch.Tensor, clip_factors: torch.Tensor,
-                       geometry: ConvGeometry) -> torch.Tensor:
+def clipped_weight_sum(
+    x: torch.Tensor, grad_output: torch.Tensor, clip_factors: torch.Tensor, geometry: ConvGeometry
+) -> torch.Tensor:
     """Σ_i c_i ∇W_i, float32, in the weight's shape: the weight gradient torch's convolution
     backward computes for the output gradient c∘G (each example's rows scaled by its factor),
     since that gradient is linear in G. No patches; every group in one call. Operands in
@@ -240,8 +272,16 @@ def clipped_weight_sum(x: torch.Tensor, grad_output: torch.Tensor, clip_factors:
     xp, conv_padding = pad_for_conv(x, geometry)
     weight = torch.empty(geometry.weight_shape, device=x.device)  # for its shape: the values are not read
     return torch.ops.aten.convolution_backward(
-        scaled, xp.float(), weight, None, list(geometry._native(geometry.stride)), list(conv_padding),
-        list(geometry._native(geometry.dilation)), False, [0] * geometry.spatial_dims, geometry.groups,
+        scaled,
+        xp.float(),
+        weight,
+        None,
+        list(geometry._native(geometry.stride)),
+        list(conv_padding),
+        list(geometry._native(geometry.dilation)),
+        False,
+        [0] * geometry.spatial_dims,
+        geometry.groups,
         [False, True, False],
     )[1]
 

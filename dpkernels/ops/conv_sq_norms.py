@@ -35,12 +35,13 @@ faster on 10 of 13 ResNet/CNN layers, by up to 10× (a 3×3 16-channel 32×32 la
 depthwise 56×56 one); slower where few input channels make each grouped product tiny (a
 3-channel stem: 4.7 ms against 3.1) and for wide 7×7 maps, where ``auto`` takes ghost anyway.
 """
-from __future__ import annotations
 
-import torch
+from __future__ import annotations
 
 import math
 from typing import Callable, List
+
+import torch
 
 from . import conv_patches as _patches
 from ._library import kernel_op
@@ -65,29 +66,64 @@ def conv_weight_sq_norms_reference(x: torch.Tensor, grad_output: torch.Tensor, g
     chunk = max(1, min(B, PER_EXAMPLE_BUDGET // per_example))
     norms = []
     for start in range(0, B, chunk):
-        xs, gs = xp[start:start + chunk], g[start:start + chunk]
+        xs, gs = xp[start : start + chunk], g[start : start + chunk]
         b = xs.shape[0]
-        weight_shape = (b * geometry.out_channels, geometry.in_channels // geometry.groups,
-                        *native(geometry.kernel))
+        weight_shape = (b * geometry.out_channels, geometry.in_channels // geometry.groups, *native(geometry.kernel))
         grads = torch.ops.aten.convolution_backward(
-            gs.reshape(1, b * geometry.out_channels, *gs.shape[2:]), xs.reshape(1, b * xs.shape[1], *xs.shape[2:]),
-            torch.empty(weight_shape, device=x.device), None, list(native(geometry.stride)), list(conv_padding),
-            list(native(geometry.dilation)), False, [0] * n, b * geometry.groups, [False, True, False],
+            gs.reshape(1, b * geometry.out_channels, *gs.shape[2:]),
+            xs.reshape(1, b * xs.shape[1], *xs.shape[2:]),
+            torch.empty(weight_shape, device=x.device),
+            None,
+            list(native(geometry.stride)),
+            list(conv_padding),
+            list(native(geometry.dilation)),
+            False,
+            [0] * n,
+            b * geometry.groups,
+            [False, True, False],
         )[1]
         norms.append(grads.view(b, -1).square().sum(dim=1))
     return norms[0] if len(norms) == 1 else torch.cat(norms)
+
 
 if HAS_TRITON:
     from ._triton import dot_acc
 
     @triton.jit
     def _conv_direct_kernel(
-        x_ptr, g_ptr, out_ptr,
-        groups, cin_g, H, W, Wo, L, p_g, d, out_row,
-        sxb, sxc, sxh, sxw, sgb, sgc, sgh, sgw,
-        stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-        KH: tl.constexpr, KW: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-        BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+        x_ptr,
+        g_ptr,
+        out_ptr,
+        groups,
+        cin_g,
+        H,
+        W,
+        Wo,
+        L,
+        p_g,
+        d,
+        out_row,
+        sxb,
+        sxc,
+        sxh,
+        sxw,
+        sgb,
+        sgc,
+        sgh,
+        sgw,
+        stride_h,
+        stride_w,
+        pad_h,
+        pad_w,
+        dil_h,
+        dil_w,
+        KH: tl.constexpr,
+        KW: tl.constexpr,
+        IEEE: tl.constexpr,
+        UPCAST: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_L: tl.constexpr,
     ):
         pid = tl.program_id(0).to(tl.int64)  # (example, group)
         b = pid // groups
@@ -111,21 +147,29 @@ if HAS_TRITON:
             oh = ls // Wo
             ow = ls % Wo
             # G tile, transposed: (BLOCK_P, BLOCK_L)
-            gt = tl.load(g_ptr + b * sgb + ch_out[:, None] * sgc + (oh * sgh + ow * sgw).to(tl.int64)[None, :],
-                         mask=mask_p[:, None] & lmask[None, :], other=0.0)
+            gt = tl.load(
+                g_ptr + b * sgb + ch_out[:, None] * sgc + (oh * sgh + ow * sgw).to(tl.int64)[None, :],
+                mask=mask_p[:, None] & lmask[None, :],
+                other=0.0,
+            )
             # U tile (BLOCK_L, BLOCK_D) gathered from the input; the padding reads 0
             hh = oh[:, None] * stride_h - pad_h + kh[None, :] * dil_h
             ww = ow[:, None] * stride_w - pad_w + kw[None, :] * dil_w
             inside = (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W) & lmask[:, None] & mask_d[None, :]
-            ut = tl.load(x_ptr + b * sxb + ch_in[None, :] * sxc + hh.to(tl.int64) * sxh + ww.to(tl.int64) * sxw,
-                         mask=inside, other=0.0)
+            ut = tl.load(
+                x_ptr + b * sxb + ch_in[None, :] * sxc + hh.to(tl.int64) * sxh + ww.to(tl.int64) * sxw,
+                mask=inside,
+                other=0.0,
+            )
             acc = dot_acc(acc, gt, ut, IEEE, UPCAST)
 
         n_tiles_d = tl.cdiv(d, BLOCK_D)
         tl.store(out_ptr + pid * out_row + tp * n_tiles_d + td, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
 
     _conv_direct_launch = TunedLaunch(
-        _conv_direct_kernel, gemm_tile_configs("BLOCK_P", "BLOCK_D", "BLOCK_L"), key=["L", "d", "p_g"],
+        _conv_direct_kernel,
+        gemm_tile_configs("BLOCK_P", "BLOCK_D", "BLOCK_L"),
+        key=["L", "d", "p_g"],
         reset_to_zero=["out_ptr"],
     )
 
@@ -148,9 +192,26 @@ def conv_weight_sq_norms_triton(x: torch.Tensor, grad_output: torch.Tensor, geom
     out_row = triton.cdiv(p_g, 32) * triton.cdiv(d, 32)
     out = torch.zeros((B * groups, out_row), dtype=torch.float32, device=x.device)
     args = (
-        xp, g4, out, groups, geometry.in_channels // groups, H, W, Wo, Ho * Wo, p_g, d, out_row,
-        *xp.stride(), *g4.stride(), *geometry.stride, pad_h, pad_w, *geometry.dilation,
+        xp,
+        g4,
+        out,
+        groups,
+        geometry.in_channels // groups,
+        H,
+        W,
+        Wo,
+        Ho * Wo,
+        p_g,
+        d,
+        out_row,
+        *xp.stride(),
+        *g4.stride(),
+        *geometry.stride,
+        pad_h,
+        pad_w,
+        *geometry.dilation,
     )
+
     def grid(meta):
         return (B * groups, triton.cdiv(p_g, meta["BLOCK_P"]), triton.cdiv(d, meta["BLOCK_D"]))
 
@@ -162,8 +223,16 @@ def conv_weight_sq_norms_triton(x: torch.Tensor, grad_output: torch.Tensor, geom
 # ---------------------------------------------------------------- the op ------------------
 
 
-def _conv_sq_norms(x: torch.Tensor, grad_output: torch.Tensor, geometry: ConvGeometry, bias: bool, method: str,
-                   choose: Callable, direct: Callable, linear: Callable) -> torch.Tensor:
+def _conv_sq_norms(
+    x: torch.Tensor,
+    grad_output: torch.Tensor,
+    geometry: ConvGeometry,
+    bias: bool,
+    method: str,
+    choose: Callable,
+    direct: Callable,
+    linear: Callable,
+) -> torch.Tensor:
     """The composition of the module docstring, with one backend's method choice and kernels."""
     L = math.prod(grad_output.shape[2:])
     p_g = geometry.out_channels // geometry.groups
@@ -178,32 +247,55 @@ def _conv_sq_norms(x: torch.Tensor, grad_output: torch.Tensor, geometry: ConvGeo
     rows = _patches.output_gradient_rows(grad_output, geometry)  # (g, B, L, C_out/g)
     g, B, L, d = patches.shape
     # the g groups of B examples as g·B independent linear layers, then summed per example
-    norms = linear(patches.reshape(g * B, L, d), rows.view(g * B, L, rows.shape[-1]), bias,
-                   "rowwise" if L == 1 else method)
+    norms = linear(
+        patches.reshape(g * B, L, d), rows.view(g * B, L, rows.shape[-1]), bias, "rowwise" if L == 1 else method
+    )
     return norms.view(g, B).sum(dim=0)
 
 
-def conv_sq_norms_torch(x: torch.Tensor, grad_output: torch.Tensor, geometry: List[int], padding_mode: str,
-                        bias: bool, method: str) -> torch.Tensor:
+def conv_sq_norms_torch(
+    x: torch.Tensor, grad_output: torch.Tensor, geometry: List[int], padding_mode: str, bias: bool, method: str
+) -> torch.Tensor:
     """The op on the torch backend (its own method choice: full Gram matrices, per-example convolutions)."""
-    return _conv_sq_norms(x, grad_output, ConvGeometry.from_list(geometry, padding_mode), bias, method,
-                          choose_method_torch, conv_weight_sq_norms_reference, linear_sq_norms_reference)
+    return _conv_sq_norms(
+        x,
+        grad_output,
+        ConvGeometry.from_list(geometry, padding_mode),
+        bias,
+        method,
+        choose_method_torch,
+        conv_weight_sq_norms_reference,
+        linear_sq_norms_reference,
+    )
 
 
-def conv_sq_norms_fused(x: torch.Tensor, grad_output: torch.Tensor, geometry: List[int], padding_mode: str,
-                        bias: bool, method: str) -> torch.Tensor:
+def conv_sq_norms_fused(
+    x: torch.Tensor, grad_output: torch.Tensor, geometry: List[int], padding_mode: str, bias: bool, method: str
+) -> torch.Tensor:
     """The op on the Triton backend (implicit patches for the direct method)."""
-    return _conv_sq_norms(x, grad_output, ConvGeometry.from_list(geometry, padding_mode), bias, method,
-                          choose_method, conv_weight_sq_norms_triton, linear_sq_norms_triton)
+    return _conv_sq_norms(
+        x,
+        grad_output,
+        ConvGeometry.from_list(geometry, padding_mode),
+        bias,
+        method,
+        choose_method,
+        conv_weight_sq_norms_triton,
+        linear_sq_norms_triton,
+    )
 
 
-def _conv_sq_norms_fake(x: torch.Tensor, grad_output: torch.Tensor, geometry: List[int], padding_mode: str,
-                        bias: bool, method: str) -> torch.Tensor:
+def _conv_sq_norms_fake(
+    x: torch.Tensor, grad_output: torch.Tensor, geometry: List[int], padding_mode: str, bias: bool, method: str
+) -> torch.Tensor:
     return x.new_empty(x.shape[0], dtype=torch.float32)
 
 
 # dpkernels::conv_sq_norms (ops/_library.py)
 OP = kernel_op(
-    "conv_sq_norms", "(Tensor x, Tensor grad_output, int[] geometry, str padding_mode, bool bias, str method) -> Tensor",
-    torch=conv_sq_norms_torch, triton=conv_sq_norms_fused, fake=_conv_sq_norms_fake,
+    "conv_sq_norms",
+    "(Tensor x, Tensor grad_output, int[] geometry, str padding_mode, bool bias, str method) -> Tensor",
+    torch=conv_sq_norms_torch,
+    triton=conv_sq_norms_fused,
+    fake=_conv_sq_norms_fake,
 )

@@ -53,6 +53,7 @@ Clipped sum
     the same draws), so no (V, p) noise tensor exists on the GPU. The result is cast to
     ``out_dtype`` (default G's dtype).
 """
+
 from __future__ import annotations
 
 from typing import Callable, Iterator, Optional
@@ -102,7 +103,7 @@ MAX_PER_EXAMPLE_ELEMENTS = 2**24
 
 
 def choose_embedding_method(B: int, T: int, V: int, p: int) -> str:
-    """"per_example" (materialise the (B, V, p) per-example gradients) when the table is small next
+    """ "per_example" (materialise the (B, V, p) per-example gradients) when the table is small next
     to the ghost form's per-example T(T+64)/2 tile work and they fit; "rows" otherwise."""
     if V <= T * (T + 64) // 2 and B * V * p <= MAX_PER_EXAMPLE_ELEMENTS:
         return "per_example"
@@ -112,7 +113,9 @@ def choose_embedding_method(B: int, T: int, V: int, p: int) -> str:
 # ---------------------------------------------------------------- torch reference ----------
 
 
-def embedding_sq_norms_reference(tokens: torch.Tensor, g: torch.Tensor, num_embeddings: int, padding_idx: int) -> torch.Tensor:
+def embedding_sq_norms_reference(
+    tokens: torch.Tensor, g: torch.Tensor, num_embeddings: int, padding_idx: int
+) -> torch.Tensor:
     """Sort-based reference (tokens (B, T), g (B, T, p); padding_idx -1 for none) → float32 (B,).
 
     No shape depends on the data (no host sync, and it runs on the meta device): the N = B·T
@@ -173,8 +176,14 @@ def _clipped_row_sum(
 
 
 def embedding_clipped_grad_reference(
-    tokens: torch.Tensor, g: torch.Tensor, clip_factors: torch.Tensor, num_embeddings: int, padding_idx: int,
-    noise_std: float, key: PhiloxKey, out_dtype: Optional[torch.dtype] = None,
+    tokens: torch.Tensor,
+    g: torch.Tensor,
+    clip_factors: torch.Tensor,
+    num_embeddings: int,
+    padding_idx: int,
+    noise_std: float,
+    key: PhiloxKey,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
     """torch reference (tokens (B, T), g (B, T, p)) → (V, p) in out_dtype (default g's)."""
     acc = _clipped_row_sum(tokens, g, clip_factors, num_embeddings, padding_idx)
@@ -203,10 +212,23 @@ if HAS_TRITON:
 
     @triton.jit
     def _embedding_ghost_kernel(
-        tok_ptr, g_ptr, pairs_ptr, out_ptr,
-        T, p, n_pairs, pad,
-        stb, stt, sgb, sgt, sgp,
-        IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+        tok_ptr,
+        g_ptr,
+        pairs_ptr,
+        out_ptr,
+        T,
+        p,
+        n_pairs,
+        pad,
+        stb,
+        stt,
+        sgb,
+        sgt,
+        sgp,
+        IEEE: tl.constexpr,
+        UPCAST: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        BLOCK_K: tl.constexpr,
     ):
         # one program per (example, tile pair), on a 1-D grid (the 2nd and 3rd grid axes stop at 65535)
         pid = tl.program_id(0).to(tl.int64)
@@ -227,15 +249,15 @@ if HAS_TRITON:
         # a tile pair without a matching (t, s) contributes nothing: its dot loop runs 0 times
         n_same = tl.sum(tl.sum(same.to(tl.int32), axis=1), axis=0)
         p_used = tl.where(n_same > 0, p, 0)
-        gram = gram_tile(g_ptr + b * sgb, rt, rs, keep_t, keep_s, p_used, sgt, sgp,
-                          IEEE, UPCAST, BLOCK_T, BLOCK_K)
+        gram = gram_tile(g_ptr + b * sgb, rt, rs, keep_t, keep_s, p_used, sgt, sgp, IEEE, UPCAST, BLOCK_T, BLOCK_K)
         weight = tl.where(ti == si, 1.0, 2.0)
         total = tl.sum(tl.sum(tl.where(same, gram, 0.0), axis=1), axis=0)
         tl.store(out_ptr + pid, weight * total)
 
     # the reduction block autotuned per shape on a GPU; every config writes every (example, pair) slot
     _ghost_launch = TunedLaunch(
-        _embedding_ghost_kernel, configs(*[({"BLOCK_K": k}, w, 3) for k in (32, 64, 128) for w in (4, 8)]),
+        _embedding_ghost_kernel,
+        configs(*[({"BLOCK_K": k}, w, 3) for k in (32, 64, 128) for w in (4, 8)]),
         key=["T", "p"],
     )
 
@@ -248,7 +270,15 @@ def embedding_sq_norms_triton(tokens: torch.Tensor, g: torch.Tensor, padding_idx
     if T == 1:
         out = torch.empty(B, dtype=torch.float32, device=g.device)
         _embedding_rowwise_kernel[(B,)](
-            tokens, g, out, p, padding_idx, tokens.stride(0), g.stride(0), g.stride(2), BLOCK=256,
+            tokens,
+            g,
+            out,
+            p,
+            padding_idx,
+            tokens.stride(0),
+            g.stride(0),
+            g.stride(2),
+            BLOCK=256,
         )
         return out
     block_t = ghost_block_t(T)
@@ -256,16 +286,33 @@ def embedding_sq_norms_triton(tokens: torch.Tensor, g: torch.Tensor, padding_idx
     n_pairs = pairs.shape[0]
     out = torch.empty((B, n_pairs), dtype=torch.float32, device=g.device)
     args = (
-        tokens, g, pairs, out, T, p, n_pairs, padding_idx,
-        tokens.stride(0), tokens.stride(1), g.stride(0), g.stride(1), g.stride(2),
+        tokens,
+        g,
+        pairs,
+        out,
+        T,
+        p,
+        n_pairs,
+        padding_idx,
+        tokens.stride(0),
+        tokens.stride(1),
+        g.stride(0),
+        g.stride(1),
+        g.stride(2),
     )
     _ghost_launch((B * n_pairs,), args, dict(**dot_flags(g.dtype), BLOCK_T=block_t), fixed=dict(BLOCK_K=64))
     return out.sum(dim=1)
 
 
 def embedding_clipped_grad_triton(
-    tokens: torch.Tensor, g: torch.Tensor, clip_factors: torch.Tensor, num_embeddings: int, padding_idx: int,
-    noise_std: float, key: PhiloxKey, out_dtype: Optional[torch.dtype] = None,
+    tokens: torch.Tensor,
+    g: torch.Tensor,
+    clip_factors: torch.Tensor,
+    num_embeddings: int,
+    padding_idx: int,
+    noise_std: float,
+    key: PhiloxKey,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
     """The deterministic clipped row sum, then the noise added in place by the Triton kernel."""
     acc = _clipped_row_sum(tokens, g, clip_factors, num_embeddings, padding_idx)
@@ -276,8 +323,9 @@ def embedding_clipped_grad_triton(
 # ---------------------------------------------------------------- the ops -----------------
 
 
-def _embedding_sq_norms_triton(tokens: torch.Tensor, g: torch.Tensor, num_embeddings: int,
-                               padding_idx: int) -> torch.Tensor:
+def _embedding_sq_norms_triton(
+    tokens: torch.Tensor, g: torch.Tensor, num_embeddings: int, padding_idx: int
+) -> torch.Tensor:
     return embedding_sq_norms_triton(tokens, g, padding_idx)
 
 
@@ -289,26 +337,39 @@ def _per_example_fake(tokens: torch.Tensor, g: torch.Tensor, num_embeddings: int
     return g.new_empty((g.shape[0], num_embeddings, g.shape[2]), dtype=torch.float32)
 
 
-def _clipped_grad_fake(tokens: torch.Tensor, g: torch.Tensor, clip_factors: torch.Tensor, num_embeddings: int,
-                       padding_idx: int, noise_std: float, key: torch.Tensor,
-                       out_dtype: Optional[torch.dtype]) -> torch.Tensor:
+def _clipped_grad_fake(
+    tokens: torch.Tensor,
+    g: torch.Tensor,
+    clip_factors: torch.Tensor,
+    num_embeddings: int,
+    padding_idx: int,
+    noise_std: float,
+    key: torch.Tensor,
+    out_dtype: Optional[torch.dtype],
+) -> torch.Tensor:
     return g.new_empty((num_embeddings, g.shape[2]), dtype=out_dtype or g.dtype)
 
 
 # dpkernels::embedding_* (ops/_library.py): tokens (B, T), G (B, T, p); padding_idx -1 for none
 SQ_NORMS = kernel_op(
-    "embedding_sq_norms", "(Tensor tokens, Tensor grad_output, int num_embeddings, int padding_idx) -> Tensor",
-    torch=embedding_sq_norms_reference, triton=_embedding_sq_norms_triton, fake=_sq_norms_fake,
+    "embedding_sq_norms",
+    "(Tensor tokens, Tensor grad_output, int num_embeddings, int padding_idx) -> Tensor",
+    torch=embedding_sq_norms_reference,
+    triton=_embedding_sq_norms_triton,
+    fake=_sq_norms_fake,
 )
 PER_EXAMPLE_GRADS = kernel_op(
     "embedding_per_example_grads",
     "(Tensor tokens, Tensor grad_output, int num_embeddings, int padding_idx) -> Tensor",
-    torch=embedding_per_example_grads_reference, fake=_per_example_fake,
+    torch=embedding_per_example_grads_reference,
+    fake=_per_example_fake,
 )
 CLIPPED_GRAD = kernel_op(
     "embedding_clipped_grad",
     "(Tensor tokens, Tensor grad_output, Tensor clip_factors, int num_embeddings, int padding_idx, float noise_std, "
     "Tensor key, ScalarType? out_dtype) -> Tensor",
-    torch=embedding_clipped_grad_reference, triton=embedding_clipped_grad_triton, fake=_clipped_grad_fake,
+    torch=embedding_clipped_grad_reference,
+    triton=embedding_clipped_grad_triton,
+    fake=_clipped_grad_fake,
     key_args=(6,),
 )

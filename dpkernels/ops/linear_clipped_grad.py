@@ -19,6 +19,7 @@ has), drawn with its own counter stream: stream + 1 of the weight's key (``Philo
 The op ``dpkernels::linear_clipped_grad`` returns (grad_W, grad_b or None) from x (B, T, d) and
 G (B, T, p); on the ``cuda`` backend the bias goes through the CUDA clip-sum-noise kernel.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Optional, Tuple
@@ -32,8 +33,13 @@ from .philox import PhiloxKey, add_normal_
 
 
 def linear_clipped_grad_reference(
-    x: torch.Tensor, g: torch.Tensor, clip_factors: torch.Tensor, noise_std: float, key: PhiloxKey,
-    out_dtype: "torch.dtype | None" = None, bias_key: "PhiloxKey | None" = None,
+    x: torch.Tensor,
+    g: torch.Tensor,
+    clip_factors: torch.Tensor,
+    noise_std: float,
+    key: PhiloxKey,
+    out_dtype: "torch.dtype | None" = None,
+    bias_key: "PhiloxKey | None" = None,
 ) -> "tuple[torch.Tensor, torch.Tensor | None]":
     """torch reference (x: (B,T,d), g: (B,T,p)) → (grad_W (p, d), grad_b (p,) or None) in out_dtype
     (default x's). With ``bias_key`` the bias gradient Σ_i c_i Σ_t G_it + σ_n·z (its noise from
@@ -56,12 +62,28 @@ if HAS_TRITON:
 
     @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "step", "stream"])
     def _linear_clipped_grad_kernel(
-        x_ptr, g_ptr, c_ptr, out_ptr,
-        T, K, d, p,
-        sxk, sgk,
-        noise_std, seed_lo, seed_hi, step, stream,
-        HAS_NOISE: tl.constexpr, ALIGNED2: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-        BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+        x_ptr,
+        g_ptr,
+        c_ptr,
+        out_ptr,
+        T,
+        K,
+        d,
+        p,
+        sxk,
+        sgk,
+        noise_std,
+        seed_lo,
+        seed_hi,
+        step,
+        stream,
+        HAS_NOISE: tl.constexpr,
+        ALIGNED2: tl.constexpr,
+        IEEE: tl.constexpr,
+        UPCAST: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_K: tl.constexpr,
     ):
         # x: (K, d) and G: (K, p) with unit feature stride and row strides sxk, sgk; row k
         # belongs to example k // T. Tile offsets stay small (int32); the pointers advance.
@@ -100,7 +122,9 @@ if HAS_TRITON:
 
     # GPU: tiles autotuned per shape; every config writes the whole output, so tuning is safe
     _clipped_grad_launch = TunedLaunch(
-        _linear_clipped_grad_kernel, gemm_tile_configs("BLOCK_P", "BLOCK_D", "BLOCK_K"), key=["K", "d", "p"],
+        _linear_clipped_grad_kernel,
+        gemm_tile_configs("BLOCK_P", "BLOCK_D", "BLOCK_K"),
+        key=["K", "d", "p"],
     )
 
 
@@ -111,7 +135,11 @@ def _rows(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 
 
 def linear_clipped_grad_triton(
-    x: torch.Tensor, g: torch.Tensor, clip_factors: torch.Tensor, noise_std: float, key: PhiloxKey,
+    x: torch.Tensor,
+    g: torch.Tensor,
+    clip_factors: torch.Tensor,
+    noise_std: float,
+    key: PhiloxKey,
     out_dtype: "torch.dtype | None" = None,
 ) -> torch.Tensor:
     """Triton kernel (x: (B,T,d), g: (B,T,p), any strides; copied only when not viewable as rows)."""
@@ -121,15 +149,30 @@ def linear_clipped_grad_triton(
     x2 = _rows(x, B * T, d)
     g2 = _rows(g, B * T, p)
     args = (
-        x2, g2, clip_factors, out, T, B * T, d, p, x2.stride(0), g2.stride(0),
-        float(noise_std), key.seed_lo, key.seed_hi, key.step, key.stream,
+        x2,
+        g2,
+        clip_factors,
+        out,
+        T,
+        B * T,
+        d,
+        p,
+        x2.stride(0),
+        g2.stride(0),
+        float(noise_std),
+        key.seed_lo,
+        key.seed_hi,
+        key.step,
+        key.stream,
     )
+
     def grid(meta):
         return (triton.cdiv(p, meta["BLOCK_P"]), triton.cdiv(d, meta["BLOCK_D"]))
 
     fixed = dict(BLOCK_P=64 if p > 32 else 32, BLOCK_D=64 if d > 32 else 32, BLOCK_K=32)
-    _clipped_grad_launch(grid, args, dict(HAS_NOISE=noise_std != 0.0, ALIGNED2=d % 2 == 0, **dot_flags(x.dtype)),
-                         fixed=fixed)
+    _clipped_grad_launch(
+        grid, args, dict(HAS_NOISE=noise_std != 0.0, ALIGNED2=d % 2 == 0, **dot_flags(x.dtype)), fixed=fixed
+    )
     return out
 
 
@@ -137,8 +180,13 @@ def linear_clipped_grad_triton(
 
 
 def linear_clipped_grad_torch(
-    x: torch.Tensor, g: torch.Tensor, clip_factors: torch.Tensor, noise_std: float, key: PhiloxKey,
-    out_dtype: Optional[torch.dtype], bias: bool,
+    x: torch.Tensor,
+    g: torch.Tensor,
+    clip_factors: torch.Tensor,
+    noise_std: float,
+    key: PhiloxKey,
+    out_dtype: Optional[torch.dtype],
+    bias: bool,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The op on the torch backend: the reference, the bias from the same scaled rows."""
     bias_key = key.next_stream() if bias else None
@@ -147,8 +195,16 @@ def linear_clipped_grad_torch(
 
 def _with_bias(bias_sum: Callable) -> Callable:
     """The weight by the Triton GEMM, the bias by ``bias_sum`` (a clip-sum-noise of (B, p) rows)."""
-    def run(x: torch.Tensor, g: torch.Tensor, clip_factors: torch.Tensor, noise_std: float, key: PhiloxKey,
-            out_dtype: Optional[torch.dtype], bias: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+
+    def run(
+        x: torch.Tensor,
+        g: torch.Tensor,
+        clip_factors: torch.Tensor,
+        noise_std: float,
+        key: PhiloxKey,
+        out_dtype: Optional[torch.dtype],
+        bias: bool,
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         bias_key = key.next_stream() if bias else None
         grad_w = linear_clipped_grad_triton(x, g, clip_factors, noise_std, key, out_dtype)
         grad_b = None
@@ -161,8 +217,15 @@ def _with_bias(bias_sum: Callable) -> Callable:
     return run
 
 
-def _linear_clipped_grad_fake(x: torch.Tensor, g: torch.Tensor, clip_factors: torch.Tensor, noise_std: float,
-                              key: torch.Tensor, out_dtype: Optional[torch.dtype], bias: bool):
+def _linear_clipped_grad_fake(
+    x: torch.Tensor,
+    g: torch.Tensor,
+    clip_factors: torch.Tensor,
+    noise_std: float,
+    key: torch.Tensor,
+    out_dtype: Optional[torch.dtype],
+    bias: bool,
+):
     dtype = out_dtype or x.dtype
     p, d = g.shape[2], x.shape[2]
     return x.new_empty((p, d), dtype=dtype), (x.new_empty((p,), dtype=dtype) if bias else None)
@@ -173,6 +236,10 @@ OP = kernel_op(
     "linear_clipped_grad",
     "(Tensor x, Tensor grad_output, Tensor clip_factors, float noise_std, Tensor key, ScalarType? out_dtype, "
     "bool bias) -> Tensor[]",
-    torch=linear_clipped_grad_torch, triton=_with_bias(clip_sum_noise_triton), cuda=_with_bias(clip_sum_noise_cuda),
-    fake=_linear_clipped_grad_fake, key_args=(4,), optional_outputs=True,
+    torch=linear_clipped_grad_torch,
+    triton=_with_bias(clip_sum_noise_triton),
+    cuda=_with_bias(clip_sum_noise_cuda),
+    fake=_linear_clipped_grad_fake,
+    key_args=(4,),
+    optional_outputs=True,
 )

@@ -35,6 +35,7 @@ when T(d + p) < d·p.
 All accumulation is float32 whatever the input dtype (float32, bfloat16, float16); float32
 inputs use IEEE products (no TF32), so norms are exact to float32 rounding.
 """
+
 from __future__ import annotations
 
 import torch
@@ -113,9 +114,17 @@ if HAS_TRITON:
 
     @triton.jit
     def _linear_rowwise_kernel(
-        x_ptr, g_ptr, out_ptr, d, p,
-        sxb, sxd, sgb, sgp,
-        HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+        x_ptr,
+        g_ptr,
+        out_ptr,
+        d,
+        p,
+        sxb,
+        sxd,
+        sgb,
+        sgp,
+        HAS_BIAS: tl.constexpr,
+        BLOCK: tl.constexpr,
     ):
         b = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
@@ -138,11 +147,26 @@ if HAS_TRITON:
 
     @triton.jit
     def _linear_ghost_kernel(
-        x_ptr, g_ptr, pairs_ptr, out_w_ptr, out_b_ptr,
-        T, d, p, n_pairs,
-        sxb, sxt, sxd, sgb, sgt, sgp,
-        HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-        BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+        x_ptr,
+        g_ptr,
+        pairs_ptr,
+        out_w_ptr,
+        out_b_ptr,
+        T,
+        d,
+        p,
+        n_pairs,
+        sxb,
+        sxt,
+        sxd,
+        sgb,
+        sgt,
+        sgp,
+        HAS_BIAS: tl.constexpr,
+        IEEE: tl.constexpr,
+        UPCAST: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        BLOCK_K: tl.constexpr,
     ):
         # one program per (example, tile pair) on a 1-D grid: the 2nd grid axis stops at 65535
         # tile pairs, which T > ~23k (block 64) would pass
@@ -158,10 +182,8 @@ if HAS_TRITON:
         rt = rows_t.to(tl.int64)
         rs = rows_s.to(tl.int64)
 
-        gram_x = gram_tile(x_ptr + b * sxb, rt, rs, mask_t, mask_s, d, sxt, sxd,
-                            IEEE, UPCAST, BLOCK_T, BLOCK_K)
-        gram_g = gram_tile(g_ptr + b * sgb, rt, rs, mask_t, mask_s, p, sgt, sgp,
-                            IEEE, UPCAST, BLOCK_T, BLOCK_K)
+        gram_x = gram_tile(x_ptr + b * sxb, rt, rs, mask_t, mask_s, d, sxt, sxd, IEEE, UPCAST, BLOCK_T, BLOCK_K)
+        gram_g = gram_tile(g_ptr + b * sgb, rt, rs, mask_t, mask_s, p, sgt, sgp, IEEE, UPCAST, BLOCK_T, BLOCK_K)
 
         weight = tl.where(ti == si, 1.0, 2.0)
         out_off = pid  # = b * n_pairs + pair
@@ -171,11 +193,25 @@ if HAS_TRITON:
 
     @triton.jit
     def _linear_direct_kernel(
-        x_ptr, g_ptr, out_ptr,
-        T, d, p, out_row,
-        sxb, sxt, sxd, sgb, sgt, sgp,
-        HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-        BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+        x_ptr,
+        g_ptr,
+        out_ptr,
+        T,
+        d,
+        p,
+        out_row,
+        sxb,
+        sxt,
+        sxd,
+        sgb,
+        sgt,
+        sgp,
+        HAS_BIAS: tl.constexpr,
+        IEEE: tl.constexpr,
+        UPCAST: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_T: tl.constexpr,
     ):
         # With a bias, x is read as [x, 1] (d + 1 columns): G_iᵀ [x_i, 1] = [∇W, ∇b] of example i,
         # so the squares of one accumulator hold both norms and no reduction runs inside the loop
@@ -198,10 +234,16 @@ if HAS_TRITON:
             tmask = ts < T
             t64 = ts.to(tl.int64)
             # G tile loaded transposed: (BLOCK_P, BLOCK_T)
-            gt = tl.load(g_ptr + b * sgb + t64[None, :] * sgt + rp[:, None] * sgp,
-                         mask=mask_p[:, None] & tmask[None, :], other=0.0)
-            xt = tl.load(x_ptr + b * sxb + t64[:, None] * sxt + cd[None, :] * sxd,
-                         mask=tmask[:, None] & mask_d[None, :], other=0.0)
+            gt = tl.load(
+                g_ptr + b * sgb + t64[None, :] * sgt + rp[:, None] * sgp,
+                mask=mask_p[:, None] & tmask[None, :],
+                other=0.0,
+            )
+            xt = tl.load(
+                x_ptr + b * sxb + t64[:, None] * sxt + cd[None, :] * sxd,
+                mask=tmask[:, None] & mask_d[None, :],
+                other=0.0,
+            )
             if HAS_BIAS:
                 ones = tl.full((BLOCK_T, BLOCK_D), 1.0, tl.float32).to(x_ptr.dtype.element_ty)
                 xt = tl.where(tmask[:, None] & bias_col[None, :], ones, xt)
@@ -211,14 +253,16 @@ if HAS_TRITON:
         n_tiles_d = tl.cdiv(d + 1, BLOCK_D) if HAS_BIAS else tl.cdiv(d, BLOCK_D)
         tl.store(out_ptr + b * out_row + tp * n_tiles_d + td, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
 
-
     # block sizes autotuned per shape on a GPU (TunedLaunch; the interpreter uses fixed ones)
     _ghost_launch = TunedLaunch(
-        _linear_ghost_kernel, configs(*[({"BLOCK_K": k}, w, 3) for k in (32, 64, 128) for w in (4, 8)]),
+        _linear_ghost_kernel,
+        configs(*[({"BLOCK_K": k}, w, 3) for k in (32, 64, 128) for w in (4, 8)]),
         key=["T", "d", "p"],
     )
     _direct_launch = TunedLaunch(
-        _linear_direct_kernel, gemm_tile_configs("BLOCK_P", "BLOCK_D", "BLOCK_T"), key=["T", "d", "p"],
+        _linear_direct_kernel,
+        gemm_tile_configs("BLOCK_P", "BLOCK_D", "BLOCK_T"),
+        key=["T", "d", "p"],
         reset_to_zero=["out_ptr"],
     )
 
@@ -234,8 +278,17 @@ def linear_sq_norms_triton(x: torch.Tensor, g: torch.Tensor, bias: bool, method:
             raise ValueError("the rowwise method needs T = 1")
         out = torch.empty(B, dtype=torch.float32, device=x.device)
         _linear_rowwise_kernel[(B,)](
-            x, g, out, d, p, x.stride(0), x.stride(2), g.stride(0), g.stride(2),
-            HAS_BIAS=bias, BLOCK=256,
+            x,
+            g,
+            out,
+            d,
+            p,
+            x.stride(0),
+            x.stride(2),
+            g.stride(0),
+            g.stride(2),
+            HAS_BIAS=bias,
+            BLOCK=256,
         )
         return out
     if method == "ghost":
@@ -246,11 +299,25 @@ def linear_sq_norms_triton(x: torch.Tensor, g: torch.Tensor, bias: bool, method:
         out_w = torch.empty((B, n_pairs), dtype=torch.float32, device=x.device)
         out_b = torch.empty((B, n_pairs), dtype=torch.float32, device=x.device) if bias else out_w
         args = (
-            x, g, pairs, out_w, out_b, T, d, p, n_pairs,
-            x.stride(0), x.stride(1), x.stride(2), g.stride(0), g.stride(1), g.stride(2),
+            x,
+            g,
+            pairs,
+            out_w,
+            out_b,
+            T,
+            d,
+            p,
+            n_pairs,
+            x.stride(0),
+            x.stride(1),
+            x.stride(2),
+            g.stride(0),
+            g.stride(1),
+            g.stride(2),
         )
-        _ghost_launch((B * n_pairs,), args, dict(HAS_BIAS=bias, **dot_flags(x.dtype), BLOCK_T=block_t),
-                      fixed=dict(BLOCK_K=64))
+        _ghost_launch(
+            (B * n_pairs,), args, dict(HAS_BIAS=bias, **dot_flags(x.dtype), BLOCK_T=block_t), fixed=dict(BLOCK_K=64)
+        )
         return out_w.sum(dim=1) + out_b.sum(dim=1) if bias else out_w.sum(dim=1)
     if method == "direct":
         d_cols = d + 1 if bias else d  # the bias is a column of ones appended to x
@@ -258,9 +325,21 @@ def linear_sq_norms_triton(x: torch.Tensor, g: torch.Tensor, bias: bool, method:
         out_row = triton.cdiv(p, 32) * triton.cdiv(d_cols, 32)
         out = torch.zeros((B, out_row), dtype=torch.float32, device=x.device)
         args = (
-            x, g, out, T, d, p, out_row,
-            x.stride(0), x.stride(1), x.stride(2), g.stride(0), g.stride(1), g.stride(2),
+            x,
+            g,
+            out,
+            T,
+            d,
+            p,
+            out_row,
+            x.stride(0),
+            x.stride(1),
+            x.stride(2),
+            g.stride(0),
+            g.stride(1),
+            g.stride(2),
         )
+
         def grid(meta):
             return (B, triton.cdiv(p, meta["BLOCK_P"]), triton.cdiv(d_cols, meta["BLOCK_D"]))
 
@@ -275,5 +354,10 @@ def _sq_norms_fake(x: torch.Tensor, g: torch.Tensor, bias: bool, method: str) ->
 
 
 # dpkernels::linear_sq_norms (ops/_library.py): x (B, T, d), G (B, T, p) -> float32 (B,)
-OP = kernel_op("linear_sq_norms", "(Tensor x, Tensor grad_output, bool bias, str method) -> Tensor",
-               torch=linear_sq_norms_reference, triton=linear_sq_norms_triton, fake=_sq_norms_fake)
+OP = kernel_op(
+    "linear_sq_norms",
+    "(Tensor x, Tensor grad_output, bool bias, str method) -> Tensor",
+    torch=linear_sq_norms_reference,
+    triton=linear_sq_norms_triton,
+    fake=_sq_norms_fake,
+)

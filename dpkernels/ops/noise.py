@@ -13,6 +13,7 @@ tensors, the torch reference elsewhere); the Triton backend with its generator k
 (``_triton.philox_normal_triton``; one Philox call per pair of elements at offset 0, per element
 otherwise). Both give the same integers; normals agree to a float32 ulp or two.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -31,8 +32,9 @@ def _numel(shape: Sequence[int]) -> int:
     return numel
 
 
-def gaussian_noise_torch(shape: Sequence[int], std: float, key: PhiloxKey, offset: int, device: torch.device,
-                         dtype: torch.dtype) -> torch.Tensor:
+def gaussian_noise_torch(
+    shape: Sequence[int], std: float, key: PhiloxKey, offset: int, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
     """σ·z by ``philox.normal`` (see the module docstring)."""
     numel = _numel(shape)
     if std == 0.0 or numel == 0:
@@ -40,8 +42,9 @@ def gaussian_noise_torch(shape: Sequence[int], std: float, key: PhiloxKey, offse
     return (normal(numel, key, device, offset) * std).to(dtype).reshape(shape)
 
 
-def gaussian_noise_triton(shape: Sequence[int], std: float, key: PhiloxKey, offset: int, device: torch.device,
-                          dtype: torch.dtype) -> torch.Tensor:
+def gaussian_noise_triton(
+    shape: Sequence[int], std: float, key: PhiloxKey, offset: int, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
     """σ·z by the Triton generator kernel (see the module docstring)."""
     numel = _numel(shape)
     if std == 0.0 or numel == 0:
@@ -49,14 +52,19 @@ def gaussian_noise_triton(shape: Sequence[int], std: float, key: PhiloxKey, offs
     return (philox_normal_triton(numel, key, device, offset) * std).to(dtype).reshape(shape)
 
 
-def _gaussian_noise_fake(shape: Sequence[int], std: float, key: torch.Tensor, offset: int, device: torch.device,
-                         dtype: torch.dtype) -> torch.Tensor:
+def _gaussian_noise_fake(
+    shape: Sequence[int], std: float, key: torch.Tensor, offset: int, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
     return torch.empty(shape, device=device, dtype=dtype)
 
 
 # dpkernels::gaussian_noise (ops/_library.py): a factory op; its device argument picks the backend
 OP = kernel_op(
-    "gaussian_noise", "(SymInt[] shape, float std, Tensor key, SymInt offset, Device device, ScalarType dtype) -> Tensor",
-    torch=gaussian_noise_torch, triton=gaussian_noise_triton, fake=_gaussian_noise_fake, key_args=(2,),
+    "gaussian_noise",
+    "(SymInt[] shape, float std, Tensor key, SymInt offset, Device device, ScalarType dtype) -> Tensor",
+    torch=gaussian_noise_torch,
+    triton=gaussian_noise_triton,
+    fake=_gaussian_noise_fake,
+    key_args=(2,),
     device_arg=4,
 )

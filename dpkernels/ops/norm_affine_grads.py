@@ -22,6 +22,7 @@ x̂ is never written to memory. When B × column blocks are too few programs to 
 example's rows are split over several programs whose partial sums are added in a fixed order
 (deterministic). Accumulation is float32 whatever the input dtype.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -41,8 +42,14 @@ def stat_at(stats: torch.Tensor, B: int, R: int, n: int, group: int, per_positio
 
 
 def norm_affine_grads_reference(
-    x: torch.Tensor, g: torch.Tensor, mean: Optional[torch.Tensor], rstd: torch.Tensor,
-    group: int, per_position: bool, want_weight: bool, want_bias: bool,
+    x: torch.Tensor,
+    g: torch.Tensor,
+    mean: Optional[torch.Tensor],
+    rstd: torch.Tensor,
+    group: int,
+    per_position: bool,
+    want_weight: bool,
+    want_bias: bool,
 ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """torch reference: x, g (B, R, n) → (gw, gb), float32 (B, n) each (None where not wanted)."""
     B, R, n = x.shape
@@ -63,11 +70,30 @@ if HAS_TRITON:
 
     @triton.jit
     def _norm_affine_grads_kernel(
-        x_ptr, g_ptr, mean_ptr, rstd_ptr, gw_ptr, gb_ptr,
-        R, n, group, rows_per_split,
-        sxb, sxr, sxn, sgb, sgr, sgn, ssb, ssr, ssn,
-        HAS_MEAN: tl.constexpr, WANT_W: tl.constexpr, WANT_B: tl.constexpr,
-        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+        x_ptr,
+        g_ptr,
+        mean_ptr,
+        rstd_ptr,
+        gw_ptr,
+        gb_ptr,
+        R,
+        n,
+        group,
+        rows_per_split,
+        sxb,
+        sxr,
+        sxn,
+        sgb,
+        sgr,
+        sgn,
+        ssb,
+        ssr,
+        ssn,
+        HAS_MEAN: tl.constexpr,
+        WANT_W: tl.constexpr,
+        WANT_B: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_N: tl.constexpr,
     ):
         # program (i, column block, split): example i's rows [split·rows_per_split, +rows_per_split)
         i = tl.program_id(0).to(tl.int64)
@@ -111,8 +137,14 @@ def row_splits(programs: int, R: int, block_r: int, target: int = 264) -> int:
 
 
 def norm_affine_grads_triton(
-    x: torch.Tensor, g: torch.Tensor, mean: Optional[torch.Tensor], rstd: torch.Tensor,
-    group: int, per_position: bool, want_weight: bool, want_bias: bool,
+    x: torch.Tensor,
+    g: torch.Tensor,
+    mean: Optional[torch.Tensor],
+    rstd: torch.Tensor,
+    group: int,
+    per_position: bool,
+    want_weight: bool,
+    want_bias: bool,
 ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Triton kernel: x, g (B, R, n) with any strides → (gw, gb), float32 (B, n) each."""
     B, R, n = x.shape
@@ -130,22 +162,49 @@ def norm_affine_grads_triton(
     gb = torch.empty((B, splits, n), dtype=torch.float32, device=x.device) if want_bias else None
     dummy = gw if gw is not None else gb
     _norm_affine_grads_kernel[(B, n_blocks, splits)](
-        x, g, mean_c, rstd_c, gw if gw is not None else dummy, gb if gb is not None else dummy,
-        R, n, group, rows_per_split,
-        x.stride(0), x.stride(1), x.stride(2), g.stride(0), g.stride(1), g.stride(2), ssb, ssr, ssn,
-        HAS_MEAN=mean is not None, WANT_W=want_weight, WANT_B=want_bias,
-        BLOCK_R=block_r, BLOCK_N=block_n,
+        x,
+        g,
+        mean_c,
+        rstd_c,
+        gw if gw is not None else dummy,
+        gb if gb is not None else dummy,
+        R,
+        n,
+        group,
+        rows_per_split,
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+        g.stride(0),
+        g.stride(1),
+        g.stride(2),
+        ssb,
+        ssr,
+        ssn,
+        HAS_MEAN=mean is not None,
+        WANT_W=want_weight,
+        WANT_B=want_bias,
+        BLOCK_R=block_r,
+        BLOCK_N=block_n,
     )
     return (gw.sum(dim=1) if gw is not None else None), (gb.sum(dim=1) if gb is not None else None)
 
 
 def _norm_affine_grads_fake(
-    x: torch.Tensor, g: torch.Tensor, mean: Optional[torch.Tensor], rstd: torch.Tensor,
-    group: int, per_position: bool, want_weight: bool, want_bias: bool,
+    x: torch.Tensor,
+    g: torch.Tensor,
+    mean: Optional[torch.Tensor],
+    rstd: torch.Tensor,
+    group: int,
+    per_position: bool,
+    want_weight: bool,
+    want_bias: bool,
 ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     B, n = x.shape[0], x.shape[2]
-    return (x.new_empty((B, n), dtype=torch.float32) if want_weight else None,
-            x.new_empty((B, n), dtype=torch.float32) if want_bias else None)
+    return (
+        x.new_empty((B, n), dtype=torch.float32) if want_weight else None,
+        x.new_empty((B, n), dtype=torch.float32) if want_bias else None,
+    )
 
 
 # dpkernels::norm_affine_grads (ops/_library.py): x, G (B, R, n) -> [gw (B, n)?, gb (B, n)?], float32
@@ -153,6 +212,8 @@ OP = kernel_op(
     "norm_affine_grads",
     "(Tensor x, Tensor grad_output, Tensor? mean, Tensor rstd, int group, bool per_position, bool want_weight, "
     "bool want_bias) -> Tensor[]",
-    torch=norm_affine_grads_reference, triton=norm_affine_grads_triton, fake=_norm_affine_grads_fake,
+    torch=norm_affine_grads_reference,
+    triton=norm_affine_grads_triton,
+    fake=_norm_affine_grads_fake,
     optional_outputs=True,
 )

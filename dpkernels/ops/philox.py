@@ -39,6 +39,7 @@ two elements instead of four: integer work in the GEMM epilogue. (Like every flo
 sampler, this one has a discrete support; attacks on that, in the style of Mironov 2012, are
 not addressed here.)
 """
+
 from __future__ import annotations
 
 import math
@@ -115,8 +116,9 @@ class PhiloxKey:
 def check_key_tensor(key: torch.Tensor) -> torch.Tensor:
     """Refuse a tensor that is not an int64 key [seed_lo, seed_hi, step, stream]."""
     if key.dtype != torch.int64 or tuple(key.shape) != (4,):
-        raise ValueError(f"a key tensor is int64 [seed_lo, seed_hi, step, stream] of shape (4,), got {key.dtype} "
-                         f"{tuple(key.shape)}")
+        raise ValueError(
+            f"a key tensor is int64 [seed_lo, seed_hi, step, stream] of shape (4,), got {key.dtype} {tuple(key.shape)}"
+        )
     return key
 
 
@@ -227,7 +229,7 @@ def _philox_normal(numel: int, key: PhiloxKey, device: torch.device | str, offse
     x0, x1, x2, _ = philox4x32_10(pair & MASK32, (pair >> 32) & MASK32, c2, c3, key.seed_lo, key.seed_hi)
     z0, z1 = _box_muller(x0, x1, x2)
     start = offset & 1
-    return torch.stack([z0, z1], dim=1).reshape(-1)[start:start + numel]
+    return torch.stack([z0, z1], dim=1).reshape(-1)[start : start + numel]
 
 
 def _cpu_kernel() -> bool:

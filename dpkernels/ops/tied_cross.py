@@ -32,6 +32,7 @@ H_{s, tok_t} for the same tile (S·T entries of the vocabulary-sized H per examp
 of V) and reduces; cost ≈ B·S·T·p multiply-adds. The others run as torch references: they
 are either small (dense) or the rarer ties (two linear uses, two embeddings).
 """
+
 from __future__ import annotations
 
 import torch
@@ -52,8 +53,9 @@ def _chunks(B: int, per_example: int):
 # ---------------------------------------------------------------- torch references ----------
 
 
-def token_linear_cross_reference(tokens: torch.Tensor, g_emb: torch.Tensor, x: torch.Tensor, g_head: torch.Tensor,
-                                 padding_idx: int) -> torch.Tensor:
+def token_linear_cross_reference(
+    tokens: torch.Tensor, g_emb: torch.Tensor, x: torch.Tensor, g_head: torch.Tensor, padding_idx: int
+) -> torch.Tensor:
     """tokens (B, T), g_emb (B, T, p), x (B, S, p), g_head (B, S, V) → float32 (B,)."""
     B, T = tokens.shape
     S = x.shape[1]
@@ -67,7 +69,9 @@ def token_linear_cross_reference(tokens: torch.Tensor, g_emb: torch.Tensor, x: t
     return out
 
 
-def linear_linear_cross_reference(x1: torch.Tensor, g1: torch.Tensor, x2: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
+def linear_linear_cross_reference(
+    x1: torch.Tensor, g1: torch.Tensor, x2: torch.Tensor, g2: torch.Tensor
+) -> torch.Tensor:
     """x1 (B, S1, d), g1 (B, S1, p), x2 (B, S2, d), g2 (B, S2, p) → float32 (B,)."""
     B, S1 = x1.shape[:2]
     S2 = x2.shape[1]
@@ -79,8 +83,9 @@ def linear_linear_cross_reference(x1: torch.Tensor, g1: torch.Tensor, x2: torch.
     return out
 
 
-def token_token_cross_reference(tok1: torch.Tensor, g1: torch.Tensor, tok2: torch.Tensor, g2: torch.Tensor,
-                                padding_idx: int) -> torch.Tensor:
+def token_token_cross_reference(
+    tok1: torch.Tensor, g1: torch.Tensor, tok2: torch.Tensor, g2: torch.Tensor, padding_idx: int
+) -> torch.Tensor:
     """tok1 (B, T1), g1 (B, T1, p), tok2 (B, T2), g2 (B, T2, p) → float32 (B,)."""
     B, T1 = tok1.shape
     T2 = tok2.shape[1]
@@ -98,8 +103,9 @@ def dense_linear_cross_reference(per_example: torch.Tensor, x: torch.Tensor, g: 
     return torch.einsum("bsp,bpd,bsd->b", g.float(), per_example.float(), x.float())
 
 
-def dense_token_cross_reference(per_example: torch.Tensor, tokens: torch.Tensor, g: torch.Tensor,
-                                padding_idx: int) -> torch.Tensor:
+def dense_token_cross_reference(
+    per_example: torch.Tensor, tokens: torch.Tensor, g: torch.Tensor, padding_idx: int
+) -> torch.Tensor:
     """per_example (B, V, p), tokens (B, T), g (B, T, p) → float32 (B,): Σ_t P_i[tok_t] · G_t."""
     tok = tokens.long()
     rows = per_example.float().gather(1, tok.clamp_min(0)[:, :, None].expand(-1, -1, per_example.shape[2]))
@@ -119,10 +125,32 @@ if HAS_TRITON:
 
     @triton.jit
     def _token_linear_cross_kernel(
-        tok_ptr, ge_ptr, x_ptr, gh_ptr, out_ptr,
-        S, T, p, pad, n_t_tiles, n_tiles,
-        stb, stt, sgeb, sget, sgep, sxb, sxs, sxp, sghb, sghs, sghv,
-        IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr,
+        tok_ptr,
+        ge_ptr,
+        x_ptr,
+        gh_ptr,
+        out_ptr,
+        S,
+        T,
+        p,
+        pad,
+        n_t_tiles,
+        n_tiles,
+        stb,
+        stt,
+        sgeb,
+        sget,
+        sgep,
+        sxb,
+        sxs,
+        sxp,
+        sghb,
+        sghs,
+        sghv,
+        IEEE: tl.constexpr,
+        UPCAST: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+        BLOCK_T: tl.constexpr,
         BLOCK_K: tl.constexpr,
     ):
         # one program per (example, S-tile, T-tile), on a 1-D grid
@@ -142,18 +170,28 @@ if HAS_TRITON:
         for k in range(0, p, BLOCK_K):
             cols = (k + offs_k).to(tl.int64)
             cmask = (k + offs_k) < p
-            xa = tl.load(x_ptr + b * sxb + rs[:, None] * sxs + cols[None, :] * sxp,
-                         mask=mask_s[:, None] & cmask[None, :], other=0.0)
-            ga = tl.load(ge_ptr + b * sgeb + rt[:, None] * sget + cols[None, :] * sgep,
-                         mask=keep_t[:, None] & cmask[None, :], other=0.0)
+            xa = tl.load(
+                x_ptr + b * sxb + rs[:, None] * sxs + cols[None, :] * sxp,
+                mask=mask_s[:, None] & cmask[None, :],
+                other=0.0,
+            )
+            ga = tl.load(
+                ge_ptr + b * sgeb + rt[:, None] * sget + cols[None, :] * sgep,
+                mask=keep_t[:, None] & cmask[None, :],
+                other=0.0,
+            )
             acc = dot_acc(acc, xa, tl.trans(ga), IEEE, UPCAST)
-        h = tl.load(gh_ptr + b * sghb + rs[:, None] * sghs + tok.to(tl.int64)[None, :] * sghv,
-                    mask=mask_s[:, None] & keep_t[None, :], other=0.0).to(tl.float32)
+        h = tl.load(
+            gh_ptr + b * sghb + rs[:, None] * sghs + tok.to(tl.int64)[None, :] * sghv,
+            mask=mask_s[:, None] & keep_t[None, :],
+            other=0.0,
+        ).to(tl.float32)
         tl.store(out_ptr + pid, tl.sum(tl.sum(acc * h, axis=1), axis=0))
 
 
-def token_linear_cross_triton(tokens: torch.Tensor, g_emb: torch.Tensor, x: torch.Tensor, g_head: torch.Tensor,
-                              padding_idx: int) -> torch.Tensor:
+def token_linear_cross_triton(
+    tokens: torch.Tensor, g_emb: torch.Tensor, x: torch.Tensor, g_head: torch.Tensor, padding_idx: int
+) -> torch.Tensor:
     """The Triton kernel (any strides); same contract as the reference."""
     B, T = tokens.shape
     S, p = x.shape[1], x.shape[2]
@@ -164,10 +202,32 @@ def token_linear_cross_triton(tokens: torch.Tensor, g_emb: torch.Tensor, x: torc
     n_s, n_t = triton.cdiv(S, block_s), triton.cdiv(T, block_t)
     out = torch.empty((B, n_s * n_t), dtype=torch.float32, device=x.device)
     _token_linear_cross_kernel[(B * n_s * n_t,)](
-        tokens, g_emb, x, g_head, out, S, T, p, padding_idx, n_t, n_s * n_t,
-        tokens.stride(0), tokens.stride(1), g_emb.stride(0), g_emb.stride(1), g_emb.stride(2),
-        x.stride(0), x.stride(1), x.stride(2), g_head.stride(0), g_head.stride(1), g_head.stride(2),
-        **dot_flags(x.dtype), BLOCK_S=block_s, BLOCK_T=block_t, BLOCK_K=32,
+        tokens,
+        g_emb,
+        x,
+        g_head,
+        out,
+        S,
+        T,
+        p,
+        padding_idx,
+        n_t,
+        n_s * n_t,
+        tokens.stride(0),
+        tokens.stride(1),
+        g_emb.stride(0),
+        g_emb.stride(1),
+        g_emb.stride(2),
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+        g_head.stride(0),
+        g_head.stride(1),
+        g_head.stride(2),
+        **dot_flags(x.dtype),
+        BLOCK_S=block_s,
+        BLOCK_T=block_t,
+        BLOCK_K=32,
     )
     return out.sum(dim=1)
 
@@ -184,14 +244,19 @@ def _cross_fake(*args) -> torch.Tensor:
 TOKEN_LINEAR = kernel_op(
     "embedding_linear_cross",
     "(Tensor tokens, Tensor grad_embedding, Tensor x, Tensor grad_head, int padding_idx) -> Tensor",
-    torch=token_linear_cross_reference, triton=token_linear_cross_triton, fake=_cross_fake,
+    torch=token_linear_cross_reference,
+    triton=token_linear_cross_triton,
+    fake=_cross_fake,
 )
 LINEAR_LINEAR = kernel_op(
-    "linear_linear_cross", "(Tensor x1, Tensor grad1, Tensor x2, Tensor grad2) -> Tensor",
-    torch=linear_linear_cross_reference, fake=_cross_fake,
+    "linear_linear_cross",
+    "(Tensor x1, Tensor grad1, Tensor x2, Tensor grad2) -> Tensor",
+    torch=linear_linear_cross_reference,
+    fake=_cross_fake,
 )
 TOKEN_TOKEN = kernel_op(
     "embedding_embedding_cross",
     "(Tensor tokens1, Tensor grad1, Tensor tokens2, Tensor grad2, int padding_idx) -> Tensor",
-    torch=token_token_cross_reference, fake=_cross_fake,
+    torch=token_token_cross_reference,
+    fake=_cross_fake,
 )

@@ -1,4 +1,5 @@
 """Independent reference values for the accounting tests (closed forms and quadrature only)."""
+
 import math
 
 from scipy import integrate
@@ -49,7 +50,9 @@ def rdp_by_quadrature(sigma: float, q: float, alpha: float) -> float:
 
     def f(z):
         u = (2 * z - 1) / (2 * s2)
-        v = alpha * (math.log1p(q * math.expm1(u)) if u < 30 else math.log(q) + u + math.log1p((1 - q) / q * math.exp(-u)))
+        v = alpha * (
+            math.log1p(q * math.expm1(u)) if u < 30 else math.log(q) + u + math.log1p((1 - q) / q * math.exp(-u))
+        )
         return _pdf_times_expm1(z, sigma, v)
 
     return math.log1p(_integrate(f, sigma, alpha)) / (alpha - 1)
@@ -61,7 +64,9 @@ def rdp_reverse_by_quadrature(sigma: float, q: float, alpha: float) -> float:
 
     def f(z):
         u = (2 * z - 1) / (2 * s2)
-        log_ratio = math.log1p(q * math.expm1(u)) if u < 30 else math.log(q) + u + math.log1p((1 - q) / q * math.exp(-u))
+        log_ratio = (
+            math.log1p(q * math.expm1(u)) if u < 30 else math.log(q) + u + math.log1p((1 - q) / q * math.exp(-u))
+        )
         return _pdf_times_expm1(z, sigma, -(alpha - 1) * log_ratio)
 
     return math.log1p(_integrate(f, sigma, alpha)) / (alpha - 1)

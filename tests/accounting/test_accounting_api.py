@@ -1,4 +1,5 @@
 """Public API: input checks, heterogeneous histories, state, calibration, command line, import."""
+
 import json
 import math
 import os
@@ -153,13 +154,19 @@ def test_state_keeps_settings_and_refuses_garbage():
 # ---------------------------------------------------------------------------- calibration
 @pytest.mark.parametrize(
     "accountant,target,delta,q,steps",
-    [("pld", 3.0, 1e-5, 0.01, 1000), ("pld", 1.0, 1e-6, 0.004, 10_000), ("rdp", 3.0, 1e-5, 0.01, 1000),
-     ("pld", 8.0, 1e-5, 1.0, 100)],
+    [
+        ("pld", 3.0, 1e-5, 0.01, 1000),
+        ("pld", 1.0, 1e-6, 0.004, 10_000),
+        ("rdp", 3.0, 1e-5, 0.01, 1000),
+        ("pld", 8.0, 1e-5, 1.0, 100),
+    ],
 )
 def test_calibration_is_the_smallest_sigma_to_3_digits(accountant, target, delta, q, steps):
     cls = PLDAccountant if accountant == "pld" else RDPAccountant
     t0 = time.perf_counter()
-    sigma = calibrate_noise_multiplier(target_epsilon=target, delta=delta, sample_rate=q, steps=steps, accountant=accountant)
+    sigma = calibrate_noise_multiplier(
+        target_epsilon=target, delta=delta, sample_rate=q, steps=steps, accountant=accountant
+    )
     elapsed = time.perf_counter() - t0
     assert isinstance(sigma, float)
     assert cls().step(sigma, q, steps).epsilon(delta) <= target  # meets the target
@@ -225,16 +232,39 @@ def test_import_does_not_need_torch():
 
 
 def test_command_line():
-    r = _run("-m", "dpkernels.accounting", "--noise-multiplier", "1.1", "--sample-rate", "0.004",
-             "--steps", "10000", "--delta", "1e-5", "--json")
+    r = _run(
+        "-m",
+        "dpkernels.accounting",
+        "--noise-multiplier",
+        "1.1",
+        "--sample-rate",
+        "0.004",
+        "--steps",
+        "10000",
+        "--delta",
+        "1e-5",
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["pld_epsilon"] == pytest.approx(PLDAccountant().step(1.1, 0.004, 10_000).epsilon(1e-5))
     assert out["rdp_epsilon"] == pytest.approx(RDPAccountant().step(1.1, 0.004, 10_000).epsilon(1e-5))
     text = _run("-m", "dpkernels.accounting", "-s", "1.1", "-q", "0.004", "-n", "10000", "-d", "1e-5")
     assert "PLD epsilon:" in text.stdout and "RDP epsilon:" in text.stdout
-    cal = _run("-m", "dpkernels.accounting", "--target-epsilon", "3", "--sample-rate", "0.004",
-               "--steps", "10000", "--delta", "1e-5", "--accountant", "rdp")
+    cal = _run(
+        "-m",
+        "dpkernels.accounting",
+        "--target-epsilon",
+        "3",
+        "--sample-rate",
+        "0.004",
+        "--steps",
+        "10000",
+        "--delta",
+        "1e-5",
+        "--accountant",
+        "rdp",
+    )
     assert cal.returncode == 0, cal.stderr
     assert "RDP noise multiplier:" in cal.stdout
     bad = _run("-m", "dpkernels.accounting", "--noise-multiplier", "0", "--sample-rate", "0.1", "--steps", "10")

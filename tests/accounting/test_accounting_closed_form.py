@@ -1,4 +1,5 @@
 """Closed-form and quadrature checks that need no oracle package."""
+
 import math
 
 import numpy as np
@@ -50,8 +51,17 @@ def test_rdp_full_batch_is_alpha_over_two_sigma_squared():
 
 @pytest.mark.parametrize(
     "sigma,q,alpha",
-    [(1.0, 0.01, 1.5), (0.5, 0.1, 1.1), (1.0, 0.1, 1.3), (4.0, 0.1, 1.2), (2.0, 0.001, 2.5),
-     (0.8, 0.5, 3.7), (1.0, 0.01, 2.0), (3.0, 0.2, 7.0), (0.6, 0.02, 10.5)],
+    [
+        (1.0, 0.01, 1.5),
+        (0.5, 0.1, 1.1),
+        (1.0, 0.1, 1.3),
+        (4.0, 0.1, 1.2),
+        (2.0, 0.001, 2.5),
+        (0.8, 0.5, 3.7),
+        (1.0, 0.01, 2.0),
+        (3.0, 0.2, 7.0),
+        (0.6, 0.02, 10.5),
+    ],
 )
 def test_rdp_series_matches_quadrature(sigma, q, alpha):
     # the Mironov-Talwar-Zhang series (fractional) and binomial sum (integer) against direct
@@ -111,7 +121,7 @@ def test_fft_composition_equals_direct_convolution():
     full = np.zeros(len(direct))
     start = c.offset - 5 * pmf.offset
     lo, hi = max(start, 0), min(start + len(c.mass), len(direct))
-    full[lo:hi] = c.mass[lo - start:hi - start]
+    full[lo:hi] = c.mass[lo - start : hi - start]
     np.testing.assert_allclose(full, direct, atol=1e-14)
 
 

@@ -7,6 +7,7 @@ optimistic estimate. RDP: within 1% of dp_accounting's RDP epsilon on the same o
 dp_accounting's fractional-order RDP series is inexact (it overestimates, see the test), ours
 is lower and is checked against quadrature instead.
 """
+
 import functools
 import logging
 import math
@@ -92,7 +93,9 @@ def test_rdp_matches_dp_accounting(sigma, q, n):
     ours = RDPAccountant(orders=orders).step(sigma, q, n)
     ref_acc = dp_rdp.RdpAccountant()
     ref_acc.compose(
-        dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), n)
+        dp_accounting.SelfComposedDpEvent(
+            dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), n
+        )
     )
     theirs_rdp = dp_rdp._compute_rdp_poisson_subsampled_gaussian(q, sigma, orders)
     ours_rdp = compute_rdp(sigma, q, orders)
