@@ -17,6 +17,18 @@ TOKEN_DTYPES = (torch.int32, torch.int64)
 # ------------------------------------------------------------------ linear layers ---------
 
 
+def _float_pair_on_one_device(x: torch.Tensor, grad_output: torch.Tensor) -> None:
+    """A layer's input and output gradient: one float dtype, one device, a non-empty batch."""
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
+    if grad_output.dtype != x.dtype:
+        raise TypeError(f"x is {x.dtype} but grad_output is {grad_output.dtype}: dtypes must match")
+    if x.device != grad_output.device:
+        raise ValueError(f"x is on {x.device} but grad_output is on {grad_output.device}")
+    if x.shape[0] == 0:
+        raise ValueError("empty batch: x has batch size 0")
+
+
 def as_btd(x: torch.Tensor, grad_output: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Check a linear layer's (input, output-gradient) pair and view both as (B, T, features)."""
     if not isinstance(x, torch.Tensor) or not isinstance(grad_output, torch.Tensor):
@@ -27,14 +39,7 @@ def as_btd(x: torch.Tensor, grad_output: torch.Tensor) -> Tuple[torch.Tensor, to
         raise ValueError(
             f"x {tuple(x.shape)} and grad_output {tuple(grad_output.shape)} must agree in every dimension but the last"
         )
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
-    if grad_output.dtype != x.dtype:
-        raise TypeError(f"x is {x.dtype} but grad_output is {grad_output.dtype}: dtypes must match")
-    if x.device != grad_output.device:
-        raise ValueError(f"x is on {x.device} but grad_output is on {grad_output.device}")
-    if x.shape[0] == 0:
-        raise ValueError("empty batch: x has batch size 0")
+    _float_pair_on_one_device(x, grad_output)
     B, d, p = x.shape[0], x.shape[-1], grad_output.shape[-1]
     if x.dim() == 2:
         return x.unsqueeze(1), grad_output.unsqueeze(1)
@@ -207,14 +212,7 @@ def conv_geometry(
             f"x must have shape {layout} for a {n}-d convolution (weight_shape {tuple(weight_shape)}), "
             f"got {tuple(x.shape)}"
         )
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
-    if grad_output.dtype != x.dtype:
-        raise TypeError(f"x is {x.dtype} but grad_output is {grad_output.dtype}: dtypes must match")
-    if x.device != grad_output.device:
-        raise ValueError(f"x is on {x.device} but grad_output is on {grad_output.device}")
-    if x.shape[0] == 0:
-        raise ValueError("empty batch: x has batch size 0")
+    _float_pair_on_one_device(x, grad_output)
     if x.shape[1] != geometry.in_channels:
         raise ValueError(
             f"x has {x.shape[1]} channels but weight_shape {tuple(weight_shape)} with groups={groups} "
