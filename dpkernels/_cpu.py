@@ -95,6 +95,8 @@ def _libmvec() -> bool:
 
 def load() -> ModuleType:
     global _attempted, _module, _reason
+    if _module is not None:  # built: no lock on the path every noise draw takes
+        return _module
     with _lock:
         if not _attempted:
             _attempted = True
